@@ -1,0 +1,60 @@
+# One entry point for every check: `make check` is what CI runs.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: help venv demo check lint types test test-fast test-localstack lint-infra bench soak lock clean
+
+help:
+	@echo "make demo             the pipeline end to end on local stand-ins (Ctrl-C to stop)"
+	@echo "make check            lint, types, infrastructure lint and the whole test suite"
+	@echo "make test-localstack  the compose path against real LocalStack 4.14.0 (Python 3.13)"
+	@echo "make bench            the benchmark (prints figures; see README, Performance)"
+
+$(STAMP): pyproject.toml requirements-dev.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements-dev.lock -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/finnstream demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check finnstream tests bench
+	$(BIN)/ruff format --check finnstream tests bench
+
+types: $(STAMP)
+	$(BIN)/mypy
+
+lint-infra: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" bash scripts/lint-infra.sh
+
+test: $(STAMP)
+	$(BIN)/pytest
+
+check: lint types lint-infra test
+
+test-localstack: $(STAMP)
+	bash scripts/localstack.sh
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench.py
+
+soak: $(STAMP)
+	$(BIN)/python bench/bench.py --soak
+
+# Regenerate the pinned sets after changing dependencies in pyproject.toml.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet --upgrade pip && .venv-lock/bin/pip install --quiet .
+	.venv-lock/bin/pip freeze --exclude-editable | grep -v '^finnstream' > requirements.lock
+	.venv-lock/bin/pip install --quiet '.[dev]'
+	.venv-lock/bin/pip freeze --exclude-editable | grep -v '^finnstream' > requirements-dev.lock
+	rm -rf .venv-lock
+
+clean:
+	rm -rf $(VENV) .venv-localstack .pytest_cache .mypy_cache .ruff_cache build *.egg-info

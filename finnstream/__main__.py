@@ -1,0 +1,3 @@
+from finnstream.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,136 @@
+"""Normalize Finnhub answers into contract records (CONTRACT section 3) and encode them once.
+
+A `Record` carries its identity (symbol, minute, source) and its encoded `data`: one UTF-8 JSON
+object plus a newline, ready for Kinesis and for the spool. Nothing downstream re-encodes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+SCHEMA_VERSION = 1
+SOURCE_QUOTE = "quote"
+SOURCE_CANDLE = "candle"
+SOURCE_GAP = "gap"
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    symbol: str
+    minute: int
+    source: str
+    data: bytes
+
+    @property
+    def partition_key(self) -> str:
+        return self.symbol
+
+    @property
+    def key(self) -> tuple[str, int, str]:
+        """(symbol, minute, source): what consumers deduplicate on."""
+        return (self.symbol, self.minute, self.source)
+
+    def decode(self) -> dict[str, Any]:
+        value: dict[str, Any] = orjson.loads(self.data)
+        return value
+
+
+class BadAnswer(ValueError):
+    """A Finnhub answer that cannot become a record (wrong shape or types)."""
+
+
+def _num(body: dict[str, Any], key: str, *, required: bool = False) -> float | None:
+    value = body.get(key)
+    if value is None:
+        if required:
+            raise BadAnswer(f"field {key!r} is missing or null")
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise BadAnswer(f"field {key!r} is {type(value).__name__}, not a number")
+    if not math.isfinite(value):
+        raise BadAnswer(f"field {key!r} is not finite")
+    return float(value)
+
+
+def _int(body: dict[str, Any], key: str) -> int | None:
+    value = _num(body, key)
+    return None if value is None else int(value)
+
+
+def is_unknown_symbol(body: dict[str, Any]) -> bool:
+    """Finnhub answers an unknown symbol with 200 and c == 0, t == 0."""
+    return body.get("c") == 0 and body.get("t") == 0
+
+
+def _encode(obj: dict[str, Any]) -> bytes:
+    return orjson.dumps(obj) + b"\n"
+
+
+def quote_record(symbol: str, minute: int, body: Any, fetched_at: float) -> Record:
+    """A `quote` record from a /quote answer. Raises `BadAnswer` for a malformed body."""
+    if not isinstance(body, dict):
+        raise BadAnswer(f"answer is {type(body).__name__}, not an object")
+    obj = {
+        "schema": SCHEMA_VERSION,
+        "symbol": symbol,
+        "minute": minute,
+        "source": SOURCE_QUOTE,
+        "price": _num(body, "c", required=True),
+        "open": _num(body, "o"),
+        "high": _num(body, "h"),
+        "low": _num(body, "l"),
+        "previous_close": _num(body, "pc"),
+        "change": _num(body, "d"),
+        "change_percent": _num(body, "dp"),
+        "volume": None,
+        "quote_time": _int(body, "t"),
+        "fetched_at": round(fetched_at, 3),
+    }
+    return Record(symbol, minute, SOURCE_QUOTE, _encode(obj))
+
+
+def candle_record(symbol: str, minute: int, bar: dict[str, Any], fetched_at: float) -> Record:
+    """A `candle` record from one bar {o,h,l,c,v,t} of a /stock/candle answer."""
+    obj = {
+        "schema": SCHEMA_VERSION,
+        "symbol": symbol,
+        "minute": minute,
+        "source": SOURCE_CANDLE,
+        "price": _num(bar, "c", required=True),
+        "open": _num(bar, "o"),
+        "high": _num(bar, "h"),
+        "low": _num(bar, "l"),
+        "previous_close": None,
+        "change": None,
+        "change_percent": None,
+        "volume": _int(bar, "v"),
+        "quote_time": _int(bar, "t"),
+        "fetched_at": round(fetched_at, 3),
+    }
+    return Record(symbol, minute, SOURCE_CANDLE, _encode(obj))
+
+
+def gap_record(symbol: str, minute: int, reason: str, fetched_at: float) -> Record:
+    """A `gap` record: the slot could not be filled, and `reason` says why."""
+    obj = {
+        "schema": SCHEMA_VERSION,
+        "symbol": symbol,
+        "minute": minute,
+        "source": SOURCE_GAP,
+        "price": None,
+        "open": None,
+        "high": None,
+        "low": None,
+        "previous_close": None,
+        "change": None,
+        "change_percent": None,
+        "volume": None,
+        "quote_time": None,
+        "fetched_at": round(fetched_at, 3),
+        "reason": reason,
+    }
+    return Record(symbol, minute, SOURCE_GAP, _encode(obj))
