@@ -50,8 +50,14 @@ class CandlesForbidden(DependencyError):
 class FinnhubError(FinnstreamError):
     """A Finnhub request failed; `retriable` says whether trying again may help."""
 
-    def __init__(self, message: str, *, retriable: bool, status: int | None = None,
-                 retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        retriable: bool,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.retriable = retriable
         self.status = status
