@@ -1,0 +1,123 @@
+"""One cycle: every symbol's quote for one minute slot, fetched concurrently, records published.
+
+Workers pull symbols from a queue; each quote goes through the shared limiter, so the pace is
+the limiter's and the concurrency is the connection pool's. Every record is stamped with the
+cycle's minute slot, never with the time the answer arrived nor Finnhub's `t`. When the process
+is stopping, the limiter refuses new requests at once; answers already received are published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import structlog
+
+from finnstream.clock import SYSTEM_CLOCK, Clock
+from finnstream.errors import FinnstreamError
+from finnstream.finnhub import MAX_CONNECTIONS, FinnhubClient
+from finnstream.kinesis import Publisher
+from finnstream.limiter import LimiterClosed, RateLimiter
+from finnstream.metrics import Metrics
+from finnstream.records import BadAnswer, is_unknown_symbol, quote_record
+
+log = structlog.get_logger("finnstream.cycle")
+
+RETRY_WINDOW_S = 58.0  # retries of a quote stay inside its own minute
+
+
+@dataclass
+class CycleOutcome:
+    minute: int
+    symbols: int
+    published: int = 0
+    unknown: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # symbol -> reason; these become gaps
+    lag_s: float = 0.0  # tick to the first request's start
+
+
+class QuoteCycle:
+    """Fetches quotes for a minute slot; holds what must outlive one cycle (unknown symbols)."""
+
+    def __init__(
+        self,
+        client: FinnhubClient,
+        limiter: RateLimiter,
+        metrics: Metrics,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self._client = client
+        self._limiter = limiter
+        self._metrics = metrics
+        self._clock = clock
+        self._known_unknown: set[str] = set()
+
+    async def run(
+        self, minute: int, symbols: Sequence[str], publisher: Publisher, tick_mono: float
+    ) -> CycleOutcome:
+        outcome = CycleOutcome(minute=minute, symbols=len(symbols))
+        todo = deque(symbols)
+        deadline = tick_mono + RETRY_WINDOW_S
+        workers = min(len(symbols), MAX_CONNECTIONS)
+        outcome.lag_s = self._clock.monotonic() - tick_mono + self._limiter.delay()
+        with self._limiter.quotes_busy():
+            await asyncio.gather(
+                *(self._worker(todo, minute, deadline, publisher, outcome) for _ in range(workers))
+            )
+        for symbol in todo:  # never started: the process is stopping
+            outcome.failed[symbol] = "stopped before the quote was requested"
+        return outcome
+
+    async def _worker(
+        self,
+        todo: deque[str],
+        minute: int,
+        deadline: float,
+        publisher: Publisher,
+        outcome: CycleOutcome,
+    ) -> None:
+        while todo:
+            symbol = todo.popleft()
+            try:
+                body = await self._client.quote(symbol, deadline)
+            except LimiterClosed:
+                todo.appendleft(symbol)
+                return
+            except FinnstreamError as exc:
+                self._metrics.quotes.labels(outcome="failed").inc()
+                outcome.failed[symbol] = str(exc)
+                log.warning("quote.failed", symbol=symbol, minute=minute, error=str(exc))
+                continue
+            self._publish(symbol, minute, body, publisher, outcome)
+
+    def _publish(
+        self,
+        symbol: str,
+        minute: int,
+        body: dict[str, object],
+        publisher: Publisher,
+        outcome: CycleOutcome,
+    ) -> None:
+        if is_unknown_symbol(body):
+            self._metrics.quotes.labels(outcome="unknown_symbol").inc()
+            outcome.unknown.append(symbol)
+            if symbol not in self._known_unknown:
+                self._known_unknown.add(symbol)
+                log.warning(
+                    "quote.unknown_symbol",
+                    symbol=symbol,
+                    hint="Finnhub answered c=0, t=0: check the ticker; it is not published",
+                )
+            return
+        try:
+            record = quote_record(symbol, minute, body, self._clock.time())
+        except BadAnswer as exc:
+            self._metrics.quotes.labels(outcome="bad_answer").inc()
+            outcome.failed[symbol] = f"malformed answer: {exc}"
+            log.warning("quote.bad_answer", symbol=symbol, minute=minute, error=str(exc))
+            return
+        self._metrics.quotes.labels(outcome="ok").inc()
+        publisher.add(record)
+        outcome.published += 1

@@ -1,0 +1,260 @@
+"""The Finnhub REST client: one aiohttp session, every request through the shared rate limiter.
+
+The token travels only in the `X-Finnhub-Token` header. Retries (timeouts, connection errors,
+5xx, 429) are declared with stamina, bounded by attempts and by the caller's deadline, and honour
+`Retry-After` / `X-Ratelimit-Reset`. A 401 triggers one re-read of the secret (rotation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import orjson
+import stamina
+import structlog
+
+from finnstream.clock import SYSTEM_CLOCK, Clock
+from finnstream.errors import CandlesForbidden, FinnhubError, TokenRejected
+from finnstream.limiter import Priority, RateLimiter
+
+log = structlog.get_logger("finnstream.finnhub")
+
+TOKEN_HEADER = "X-Finnhub-Token"
+MAX_CONNECTIONS = 100  # concurrent sockets to Finnhub; the limiter, not this, sets the pace
+REFRESH_EVERY_S = 60.0  # re-read a rotated secret at most once a minute
+RETRY_WAIT_INITIAL_S = 0.1
+RETRY_WAIT_MAX_S = 2.0
+
+TokenSource = Callable[[], Awaitable[str]]
+
+
+def _retry_after(resp: aiohttp.ClientResponse, wall_now: float) -> float | None:
+    header = resp.headers.get("Retry-After")
+    if header:
+        try:
+            return max(0.0, float(header))
+        except ValueError:
+            pass
+    reset = resp.headers.get("X-Ratelimit-Reset")
+    if reset:
+        try:
+            return max(0.0, float(reset) - wall_now)
+        except ValueError:
+            pass
+    return None
+
+
+class FinnhubClient:
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        limiter: RateLimiter,
+        *,
+        timeout_s: float = 5.0,
+        retries: int = 3,
+        clock: Clock = SYSTEM_CLOCK,
+        refresh_token: TokenSource | None = None,
+    ) -> None:
+        self._base = base_url.rstrip("/")
+        self._token = token
+        self._limiter = limiter
+        self._timeout_s = timeout_s
+        self._retries = retries
+        self._clock = clock
+        self._refresh_token = refresh_token
+        self._last_refresh = float("-inf")
+        self._refresh_lock = asyncio.Lock()
+        self._session: aiohttp.ClientSession | None = None
+        self.token_valid = True
+
+    async def __aenter__(self) -> FinnhubClient:
+        self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def open(self) -> None:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=MAX_CONNECTIONS, ttl_dns_cache=300)
+            self._session = aiohttp.ClientSession(
+                connector=connector, json_serialize=lambda o: orjson.dumps(o).decode()
+            )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def quote(self, symbol: str, deadline: float) -> dict[str, Any]:
+        """The /quote answer for `symbol`, retried until `deadline` (monotonic seconds).
+
+        The first attempt always gets its full timeout, even when a long cycle started it late.
+        """
+        deadline = max(deadline, self._clock.monotonic() + self._timeout_s)
+        body = await self._get_retrying("/quote", {"symbol": symbol}, deadline, Priority.QUOTE)
+        if not isinstance(body, dict):
+            raise FinnhubError(f"quote for {symbol}: answer is not an object", retriable=False)
+        return body
+
+    async def candles(
+        self, symbol: str, first: int, last: int, deadline: float
+    ) -> list[dict[str, Any]]:
+        """1-minute bars for minutes in [first, last]; [] for `no_data`; 403: CandlesForbidden."""
+        params = {"symbol": symbol, "resolution": "1", "from": str(first), "to": str(last + 59)}
+        body = await self._get_retrying("/stock/candle", params, deadline, Priority.BACKGROUND)
+        if not isinstance(body, dict) or body.get("s") not in ("ok", "no_data"):
+            raise FinnhubError(f"candles for {symbol}: unexpected answer shape", retriable=False)
+        if body["s"] == "no_data":
+            return []
+        try:
+            columns = {k: body[k] for k in ("t", "o", "h", "l", "c", "v")}
+            return [
+                dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)
+            ]
+        except (KeyError, TypeError, ValueError):
+            raise FinnhubError(
+                f"candles for {symbol}: columns missing or of unequal length", retriable=False
+            ) from None
+
+    async def check_token(self, symbol: str) -> None:
+        """One request at startup: a 401 means the token is wrong (exit 3)."""
+        deadline = self._clock.monotonic() + self._timeout_s * (self._retries + 1)
+        try:
+            await self._get_retrying(
+                "/quote", {"symbol": symbol}, deadline, Priority.QUOTE, refresh=False
+            )
+        except FinnhubError as exc:
+            if exc.status == 401:
+                raise TokenRejected(
+                    "Finnhub rejected the API token (401). Put a valid token in the secret "
+                    "(finnhub.token_secret_id) or FINNHUB_TOKEN and start again."
+                ) from None
+            log.warning("finnhub.check_failed", error=str(exc))
+
+    async def _get_retrying(
+        self,
+        path: str,
+        params: dict[str, str],
+        deadline: float,
+        priority: Priority,
+        *,
+        refresh: bool = True,
+    ) -> Any:
+        def backoff(exc: Exception) -> bool | float:
+            if not isinstance(exc, FinnhubError) or not exc.retriable:
+                return False
+            remaining = deadline - self._clock.monotonic()
+            if remaining <= 0:
+                return False
+            if exc.retry_after is not None:
+                return min(exc.retry_after, remaining)
+            return True
+
+        timeout = max(0.001, deadline - self._clock.monotonic())
+        async for attempt in stamina.retry_context(
+            on=backoff,
+            attempts=self._retries + 1,
+            timeout=timeout,
+            wait_initial=RETRY_WAIT_INITIAL_S,
+            wait_max=RETRY_WAIT_MAX_S,
+        ):
+            with attempt:
+                try:
+                    return await self._get(path, params, deadline, priority)
+                except FinnhubError as exc:
+                    if exc.status == 401 and refresh and await self._try_refresh():
+                        return await self._get(path, params, deadline, priority)
+                    raise
+        raise AssertionError("unreachable: stamina re-raises the last error")  # pragma: no cover
+
+    async def _get(
+        self, path: str, params: dict[str, str], deadline: float, priority: Priority
+    ) -> Any:
+        if self._session is None:
+            raise RuntimeError("FinnhubClient used before open()")
+        await self._limiter.acquire(priority)
+        remaining = deadline - self._clock.monotonic()
+        if remaining <= 0:
+            raise FinnhubError(
+                f"GET {path} {params.get('symbol', '')}: deadline passed", retriable=False
+            )
+        timeout = aiohttp.ClientTimeout(total=min(self._timeout_s, remaining))
+        what = f"GET {path} {params.get('symbol', '')}".strip()
+        try:
+            async with self._session.get(
+                self._base + path,
+                params=params,
+                timeout=timeout,
+                headers={TOKEN_HEADER: self._token},
+            ) as resp:
+                raw = await resp.read()
+                status = resp.status
+                retry_after = _retry_after(resp, time.time()) if status == 429 else None
+        except TimeoutError:
+            raise FinnhubError(f"{what}: timed out", retriable=True) from None
+        except aiohttp.ClientError as exc:
+            raise FinnhubError(f"{what}: {type(exc).__name__}", retriable=True) from None
+        return self._parse(what, path, status, raw, retry_after)
+
+    def _parse(
+        self, what: str, path: str, status: int, raw: bytes, retry_after: float | None
+    ) -> Any:
+        if status == 200:
+            self.token_valid = True
+            try:
+                return orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                raise FinnhubError(
+                    f"{what}: answer is not JSON", retriable=True, status=status
+                ) from None
+        if status == 401:
+            raise FinnhubError(f"{what}: token rejected (401)", retriable=False, status=status)
+        if status == 403 and path == "/stock/candle":
+            raise CandlesForbidden(
+                "Finnhub answered 403 to /stock/candle: this API key's plan has no access to "
+                "candles (premium only), so missing minutes cannot be refilled."
+            )
+        if status == 429:
+            return self._raise(what, status, retriable=True, retry_after=retry_after)
+        return self._raise(what, status, retriable=status >= 500)
+
+    @staticmethod
+    def _raise(what: str, status: int, *, retriable: bool, retry_after: float | None = None) -> Any:
+        raise FinnhubError(
+            f"{what}: HTTP {status}", retriable=retriable, status=status, retry_after=retry_after
+        )
+
+    async def _try_refresh(self) -> bool:
+        """Re-read the secret once (at most once a minute); True if the token changed."""
+        if self._refresh_token is None:
+            self.token_valid = False
+            return False
+        async with self._refresh_lock:
+            now = self._clock.monotonic()
+            if now - self._last_refresh < REFRESH_EVERY_S:
+                return False
+            self._last_refresh = now
+            try:
+                new = await self._refresh_token()
+            except Exception as exc:  # noqa: BLE001 - any failure to re-read is reported, not raised
+                log.error("finnhub.token_refresh_failed", error=str(exc))
+                self.token_valid = False
+                return False
+            if new == self._token:
+                self.token_valid = False
+                log.error(
+                    "finnhub.token_rejected",
+                    action="put a valid token in the secret; "
+                    "finnstream re-reads it at most once a minute on 401",
+                )
+                return False
+            self._token = new
+            self.token_valid = True
+            log.warning("finnhub.token_rotated")
+            return True
