@@ -1,0 +1,138 @@
+"""Market hours from a maintained exchange calendar (`exchange_calendars`).
+
+`MarketHours("XNYS")` knows the regular session of each day, holidays and early closes
+included, from the calendar's own schedule (its own time zone handling: everything here is epoch
+seconds). The minute starting at `minute` is open when `session open <= minute < session close`
+(and not inside a lunch break, for exchanges that have one): on a normal NYSE day the minutes
+starting 09:30 to 15:59 New York time are open, 16:00 is not.
+
+The session table is built once, as sorted epoch-second intervals, so `is_open` is a binary
+search and `open_minutes` only walks the sessions that overlap its range. The calendar covers
+`years` years either side of today (default 2) and is rebuilt, lazily and with the same margin,
+when asked about a minute outside that window; a date the calendar itself cannot cover raises
+`MarketHoursError`.
+
+`exchange_calendars` (and pandas) are imported only when a `MarketHours` is created, so importing
+finnstream stays light when `schedule.market_hours_only` is off.
+"""
+
+from __future__ import annotations
+
+import bisect
+import datetime as dt
+from typing import Any
+
+import structlog
+
+from finnstream.clock import MINUTE_S
+from finnstream.errors import FinnstreamError
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_EXCHANGE = "XNYS"
+DEFAULT_YEARS = 2
+_DAY_S = 86_400
+
+
+class MarketHoursError(FinnstreamError):
+    """The exchange calendar is unknown or does not cover the dates asked about."""
+
+
+def _epoch(ts: Any) -> int:
+    return int(ts.timestamp())
+
+
+def _day(epoch_s: int) -> dt.date:
+    return dt.datetime.fromtimestamp(epoch_s, tz=dt.UTC).date()
+
+
+class MarketHours:
+    """Regular-session hours of one exchange, as epoch-second intervals."""
+
+    def __init__(
+        self,
+        exchange: str = DEFAULT_EXCHANGE,
+        *,
+        years: int = DEFAULT_YEARS,
+        today: dt.date | None = None,
+    ) -> None:
+        if years < 1:
+            raise ValueError("years must be at least 1")
+        self.exchange = exchange
+        self._margin = dt.timedelta(days=366 * years)
+        center = today or dt.datetime.now(tz=dt.UTC).date()
+        self._opens: list[int] = []
+        self._closes: list[int] = []
+        self._first = self._last = center
+        self._load(center - self._margin, center + self._margin)
+
+    @property
+    def covers(self) -> tuple[dt.date, dt.date]:
+        """The first and last calendar day the loaded session table covers."""
+        return self._first, self._last
+
+    def is_open(self, minute: int) -> bool:
+        """Is the regular session open during the minute starting at epoch `minute`?"""
+        self._ensure(minute, minute)
+        i = bisect.bisect_right(self._opens, minute) - 1
+        return i >= 0 and minute < self._closes[i]
+
+    def open_minutes(self, start: int, end: int) -> list[int]:
+        """Minute slots in [start, end) during the regular session, ascending."""
+        if end <= start:
+            return []
+        self._ensure(start, end - 1)
+        first = -(-start // MINUTE_S) * MINUTE_S  # the first minute slot at or after start
+        i = max(0, bisect.bisect_right(self._opens, first) - 1)
+        minutes: list[int] = []
+        while i < len(self._opens) and self._opens[i] < end:
+            lo = max(first, -(-self._opens[i] // MINUTE_S) * MINUTE_S)
+            minutes.extend(range(lo, min(end, self._closes[i]), MINUTE_S))
+            i += 1
+        return minutes
+
+    def _ensure(self, lo: int, hi: int) -> None:
+        """Reload the calendar if [lo, hi] reaches outside the loaded days."""
+        lo_day, hi_day = _day(lo), _day(hi)
+        if self._first <= lo_day and hi_day <= self._last:
+            return
+        first = min(self._first, lo_day - self._margin)
+        last = max(self._last, hi_day + self._margin)
+        log.info(
+            "markets.calendar_extended", exchange=self.exchange, first=str(first), last=str(last)
+        )
+        self._load(first, last)
+
+    def _load(self, first: dt.date, last: dt.date) -> None:
+        import exchange_calendars as xcals  # noqa: PLC0415 (pulls in pandas: import on use)
+
+        try:
+            calendar = xcals.get_calendar(self.exchange, start=first, end=last)
+        except (xcals.errors.CalendarError, ValueError) as exc:
+            raise MarketHoursError(
+                f"the {self.exchange} calendar cannot cover {first} to {last}: {exc}"
+            ) from exc
+        opens, closes = _intervals(calendar.schedule)
+        self._opens, self._closes = opens, closes
+        self._first, self._last = first, last
+
+
+def _intervals(schedule: Any) -> tuple[list[int], list[int]]:
+    """Sorted (opens, closes) epoch seconds of each trading interval; a break splits a session."""
+    has_break = (schedule["break_start"].notna() & schedule["break_end"].notna()).tolist()
+    rows = zip(
+        schedule["open"],
+        schedule["break_start"],
+        schedule["break_end"],
+        schedule["close"],
+        has_break,
+        strict=True,
+    )
+    opens: list[int] = []
+    closes: list[int] = []
+    for open_, break_start, break_end, close, broken in rows:
+        pieces = [(open_, break_start), (break_end, close)] if broken else [(open_, close)]
+        for start, stop in pieces:
+            opens.append(_epoch(start))
+            closes.append(_epoch(stop))
+    return opens, closes
