@@ -1,0 +1,145 @@
+"""Shared fixtures: moto's server over real HTTP (Kinesis, Secrets Manager), the simulator,
+config files, and readers that check what really landed in the stream."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+import stamina
+import yaml
+from moto.server import ThreadedMotoServer
+
+from finnstream.simulator import Simulator, SimulatorSettings
+
+TOKEN = "test-token-7f3a9c"  # distinctive, so a leak is easy to grep for
+REGION = "us-east-1"
+
+os.environ.update(
+    {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_REGION": REGION,
+    }
+)
+for _var in ("AWS_PROFILE", "FINNHUB_TOKEN", "FINNSTREAM_CONFIG"):
+    os.environ.pop(_var, None)
+
+
+@pytest.fixture(autouse=True)
+def _no_retry_waits() -> Iterator[None]:
+    """Retries keep their real attempt counts; only the waiting between them is turned off."""
+    with stamina.set_testing(True, attempts=1000, cap=True):
+        yield
+
+
+@pytest.fixture(scope="session")
+def moto_url() -> Iterator[str]:
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+class Aws:
+    """A fresh stream and secret per test on the shared moto server."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.kinesis = boto3.client("kinesis", endpoint_url=url, region_name=REGION)
+        self.secrets = boto3.client("secretsmanager", endpoint_url=url, region_name=REGION)
+        suffix = uuid.uuid4().hex[:8]
+        self.stream = f"quotes-{suffix}"
+        self.secret_id = f"finnstream/test-{suffix}"
+
+    def create_stream(self, shards: int = 1) -> None:
+        self.kinesis.create_stream(StreamName=self.stream, ShardCount=shards)
+
+    def create_secret(self, value: str | None = None) -> None:
+        self.secrets.create_secret(
+            Name=self.secret_id,
+            SecretString=value if value is not None else json.dumps({"token": TOKEN}),
+        )
+
+    def put_secret(self, value: str) -> None:
+        self.secrets.put_secret_value(SecretId=self.secret_id, SecretString=value)
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every record in the stream, decoded, checking the wire format on the way."""
+        out = []
+        shards = self.kinesis.list_shards(StreamName=self.stream)["Shards"]
+        for shard in shards:
+            it = self.kinesis.get_shard_iterator(
+                StreamName=self.stream, ShardId=shard["ShardId"], ShardIteratorType="TRIM_HORIZON"
+            )["ShardIterator"]
+            while it:
+                page = self.kinesis.get_records(ShardIterator=it, Limit=10000)
+                for rec in page["Records"]:
+                    data = rec["Data"]
+                    assert data.endswith(b"\n") and data.count(b"\n") == 1, data
+                    body = json.loads(data)
+                    assert rec["PartitionKey"] == body["symbol"]
+                    out.append(body)
+                if not page["Records"]:
+                    break
+                it = page.get("NextShardIterator")
+        return out
+
+
+@pytest.fixture
+def aws(moto_url: str) -> Aws:
+    a = Aws(moto_url)
+    a.create_stream()
+    a.create_secret()
+    return a
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[Simulator]:
+    async with Simulator(SimulatorSettings(tokens=frozenset({TOKEN}))) as s:
+        yield s
+
+
+ConfigFactory = Callable[..., Path]
+
+
+@pytest.fixture
+def make_config(tmp_path: Path, aws: Aws, sim: Simulator) -> ConfigFactory:
+    """Write a config pointing at the test's stand-ins; keyword sections override defaults."""
+
+    def make(symbols: list[str] | None = None, **sections: dict[str, Any]) -> Path:
+        doc: dict[str, Any] = {
+            "symbols": symbols or ["AAPL", "MSFT", "AMZN"],
+            "finnhub": {
+                "base_url": sim.url,
+                "token_secret_id": aws.secret_id,
+                "timeout_s": 2,
+                "requests_per_minute": 6000,
+                "requests_per_second": 1000,
+            },
+            "kinesis": {"stream_name": aws.stream, "endpoint_url": aws.url, "region": REGION},
+            "spool": {"dir": str(tmp_path / "spool")},
+            "health": {"port": 0},
+            "log": {"level": "DEBUG", "format": "json"},
+        }
+        for section, values in sections.items():
+            doc.setdefault(section, {}).update(values)
+        path = tmp_path / "finnstream.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        return path
+
+    return make
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FINNSTREAM_", "FINNHUB_"))}
+    env.update(extra)
+    return env

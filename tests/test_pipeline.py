@@ -1,0 +1,62 @@
+"""End to end over real HTTP: the simulator as Finnhub, moto as Kinesis and Secrets Manager."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from finnstream.app import App
+from finnstream.clock import minute_slot
+from finnstream.config import load_config
+from finnstream.simulator import Simulator, quote_for
+
+from .conftest import Aws, ConfigFactory
+
+ODD = [
+    "AAPL",
+    "MSFT",
+    "BRK.B",
+    "^GSPC",
+    "BTC-USD",
+    "GOOGL",
+    "NVDA",
+    "TSLA",
+    "META",
+    "AMZN",
+    "JPM",
+    "ZZZZ",
+]  # ZZZZ is unknown to Finnhub
+
+
+async def run_once(path: Path, aws: Aws, **environ: str) -> tuple[int, App]:
+    env = {"AWS_ENDPOINT_URL": aws.url, **environ}
+    cfg, _ = load_config(path, environ=env)
+    app = App(cfg, environ=env)
+    async with app:
+        code = await app.run_once()
+    return code, app
+
+
+async def test_one_cycle_lands_one_true_record_per_known_symbol(
+    make_config: ConfigFactory, aws: Aws, sim: Simulator
+) -> None:
+    code, app = await run_once(make_config(ODD), aws)
+    assert code == 0
+    records = aws.records()
+    known = [s for s in ODD if s != "ZZZZ"]
+    assert sorted(r["symbol"] for r in records) == sorted(known)
+    minutes = {r["minute"] for r in records}
+    assert len(minutes) == 1
+    (minute,) = minutes
+    assert minute % 60 == 0
+    served = {(s, m): body for s, m, body in sim.stats.served}
+    for rec in records:
+        body = served[(rec["symbol"], minute)]
+        assert body == quote_for(rec["symbol"], minute)
+        assert rec["price"] == body["c"] and rec["open"] == body["o"] and rec["high"] == body["h"]
+        assert rec["low"] == body["l"] and rec["previous_close"] == body["pc"]
+        assert rec["change"] == body["d"] and rec["change_percent"] == body["dp"]
+        assert rec["quote_time"] == body["t"] and rec["volume"] is None
+        assert rec["schema"] == 1 and rec["source"] == "quote"
+        assert minute_slot(rec["fetched_at"]) in (minute, minute + 60)
+    assert app.metrics.put_calls.labels(result="ok")._value.get() == 1  # one PutRecords call
+    assert sim.stats.token_in_url == 0
