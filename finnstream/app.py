@@ -29,7 +29,14 @@ from finnstream.ledger import GapLedger
 from finnstream.limiter import RateLimiter
 from finnstream.metrics import Metrics
 from finnstream.records import Record
-from finnstream.schedule import MAX_LOOKBACK_S, Tick, Ticker, cron_matches, fire_times
+from finnstream.schedule import (
+    MAX_LOOKBACK_S,
+    Tick,
+    Ticker,
+    cron_matches,
+    fire_times,
+    parse_cron,
+)
 from finnstream.secret import fetch_secret_token, load_token
 from finnstream.spool import Spool, SpoolBatch
 
@@ -250,7 +257,8 @@ class App:
             minute, self.clock.monotonic() - (now - minute), drain=False
         )
         spool_empty = spool_empty and self.spool.depth_records == 0
-        return EXIT_OK if not undelivered and spool_empty else EXIT_UNDELIVERED
+        complete = not undelivered and spool_empty and not self.stopping.is_set()
+        return EXIT_OK if complete else EXIT_UNDELIVERED
 
     async def run_forever(self) -> int:
         """The daemon: a cycle per tick until `request_stop`."""
@@ -305,17 +313,20 @@ class App:
         self._update_gauges()
 
     def _ledger_downtime(self, current: int) -> None:
-        """Every scheduled slot between the last completed one and `current` is a gap."""
+        """Slots no finnstream completed before `current` become gaps: a cycle cut short by a
+        crash (SIGKILL), and every scheduled slot between the last completed one and now."""
         last = self.ledger.last_completed_slot()
-        if last is None or last >= current - 60:
-            return
-        start = max(last + 60, current - MAX_LOOKBACK_S)
-        trigger = self.ticker.trigger if self.ticker else None
-        if trigger is None:
-            from finnstream.schedule import parse_cron  # noqa: PLC0415
+        started = self.ledger.last_started_slot()
+        if started is not None and (last is None or started > last) and started < current:
+            added = self.ledger.add([(s, started) for s in self.symbols], "cycle was interrupted")
+            log.warning("ledger.interrupted_cycle", minute=started, gaps_added=added)
+        if last is not None and last < current - 60:
+            self._ledger_not_running(last, current)
+        self._update_gauges()
 
-            trigger = parse_cron(self.cfg.schedule.cron)
-        slots = fire_times(trigger, start, current)
+    def _ledger_not_running(self, last: int, current: int) -> None:
+        start = max(last + 60, current - MAX_LOOKBACK_S)
+        slots = fire_times(parse_cron(self.cfg.schedule.cron), start, current)
         is_open = self._is_open_fn()
         if is_open is not None:
             slots = [m for m in slots if is_open(m)]
@@ -330,12 +341,12 @@ class App:
                 slots=len(slots),
                 gaps_added=added,
             )
-        self._update_gauges()
 
     async def run_cycle(self, minute: int, tick_mono: float, *, drain: bool = True) -> list[Record]:
         """One cycle for `minute`; returns the records that ended in the spool."""
         self.health.last_cycle_mono = self.clock.monotonic()
         self.metrics.last_cycle.set(minute)
+        await asyncio.to_thread(self.ledger.set_last_started_slot, minute)
         publisher = Publisher(self.sink, self.clock)
         drainer = (
             asyncio.ensure_future(self.drain_spool(DRAIN_BATCHES_PER_CYCLE)) if drain else None
@@ -378,6 +389,10 @@ class App:
     def _settle(self, outcome: CycleOutcome, undelivered: Sequence[Record]) -> None:
         """Spool what was not delivered, ledger what could not be fetched, mark the slot done."""
         self.spool_records(undelivered)
+        if outcome.published and self.ledger.count():
+            # A slot re-polled after a crash is filled now: it is no longer a gap.
+            failed = set(outcome.failed) | set(outcome.unknown)
+            self.ledger.resolve([(s, outcome.minute) for s in self.symbols if s not in failed])
         if outcome.failed:
             for symbol, reason in outcome.failed.items():
                 self.ledger.add([(symbol, outcome.minute)], reason)

@@ -31,6 +31,7 @@ log = structlog.get_logger(__name__)
 FILENAME = "ledger.sqlite3"
 SCHEMA_VERSION = 1
 _LAST_COMPLETED = "last_completed_slot"
+_LAST_STARTED = "last_started_slot"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS gaps (
@@ -190,22 +191,34 @@ class GapLedger:
             n: int = conn.execute("SELECT count(*) FROM gaps").fetchone()[0]
         return n
 
-    def last_completed_slot(self) -> int | None:
-        """The newest minute slot whose cycle completed, or None if none ever did."""
+    def _get_meta(self, key: str) -> int | None:
         with self._transaction(write=False) as conn:
-            row = conn.execute(
-                "SELECT value FROM meta WHERE key = ?", (_LAST_COMPLETED,)
-            ).fetchone()
+            row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else int(row[0])
 
-    def set_last_completed_slot(self, minute: int) -> None:
-        """Move the last completed slot forward to `minute` (an older minute changes nothing)."""
+    def _raise_meta(self, key: str, minute: int) -> None:
+        """Move `key` forward to `minute` (an older minute changes nothing)."""
         with self._transaction(write=True) as conn:
             conn.execute(
                 "INSERT INTO meta (key, value) VALUES (?, ?) "
                 "ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)",
-                (_LAST_COMPLETED, int(minute)),
+                (key, int(minute)),
             )
+
+    def last_completed_slot(self) -> int | None:
+        """The newest minute slot whose cycle completed, or None if none ever did."""
+        return self._get_meta(_LAST_COMPLETED)
+
+    def set_last_completed_slot(self, minute: int) -> None:
+        """Move the last completed slot forward to `minute` (an older minute changes nothing)."""
+        self._raise_meta(_LAST_COMPLETED, minute)
+
+    def last_started_slot(self) -> int | None:
+        """The newest minute slot whose cycle started (ahead of the completed one after a crash)."""
+        return self._get_meta(_LAST_STARTED)
+
+    def set_last_started_slot(self, minute: int) -> None:
+        self._raise_meta(_LAST_STARTED, minute)
 
     def close(self) -> None:
         """Close the database (idempotent)."""

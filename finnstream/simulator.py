@@ -183,6 +183,7 @@ class Simulator:
     ) -> None:
         self.settings = settings if settings is not None else SimulatorSettings()
         self.stats = SimulatorStats()
+        self._served_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self.host, self.port = host, port
         self._clock, self._monotonic = clock, monotonic
         self._rng = random.Random(self.settings.seed)
@@ -339,7 +340,23 @@ class Simulator:
             dict(UNKNOWN_QUOTE) if symbol in settings.unknown_symbols else quote_for(symbol, minute)
         )
         self.stats.served.append((symbol, minute, body))
+        self._wake_served()
         return _json(200, body)
+
+    async def wait_served(self, count: int) -> None:
+        """Return once at least `count` quotes have been served (since the last reset)."""
+        if len(self.stats.served) >= count:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._served_waiters.append((count, waiter))
+        await waiter
+
+    def _wake_served(self) -> None:
+        served = len(self.stats.served)
+        for entry in [w for w in self._served_waiters if w[0] <= served]:
+            self._served_waiters.remove(entry)
+            if not entry[1].done():
+                entry[1].set_result(None)
 
     async def _candle(self, request: web.Request) -> web.Response:
         query, settings = request.query, self.settings

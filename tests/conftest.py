@@ -16,6 +16,7 @@ import stamina
 import yaml
 from moto.server import ThreadedMotoServer
 
+from finnstream.clock import SystemClock
 from finnstream.simulator import Simulator, SimulatorSettings
 
 TOKEN = "test-token-7f3a9c"  # distinctive, so a leak is easy to grep for
@@ -143,3 +144,24 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FINNSTREAM_", "FINNHUB_"))}
     env.update(extra)
     return env
+
+
+class ShiftedClock:
+    """The real clock, with wall time moved by `offset` seconds (a later minute, on demand)."""
+
+    def __init__(self, offset: float = 0.0) -> None:
+        self._real = SystemClock()
+        self.offset = offset
+
+    def time(self) -> float:
+        return self._real.time() + self.offset
+
+    def monotonic(self) -> float:
+        return self._real.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await self._real.sleep(seconds)
+
+
+def app_env(aws: Aws) -> dict[str, str]:
+    return {"AWS_ENDPOINT_URL": aws.url}

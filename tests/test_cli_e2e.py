@@ -15,12 +15,17 @@ from finnstream.simulator import Simulator
 from .conftest import TOKEN, Aws, ConfigFactory, subprocess_env
 
 
-async def finnstream(*args: str, env: dict[str, str] | None = None,
-                     timeout: float = 60) -> tuple[int, str, str]:
+async def finnstream(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "finnstream", *args, env=env or subprocess_env(**ENV),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        sys.executable,
+        "-m",
+        "finnstream",
+        *args,
+        env=env or subprocess_env(**ENV),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
 
@@ -40,8 +45,9 @@ def assert_clean(out: str, err: str) -> None:
         assert TOKEN not in text
 
 
-async def test_run_once_exits_0_and_lands_records(make_config: ConfigFactory, aws: Aws,
-                                                  sim: Simulator) -> None:
+async def test_run_once_exits_0_and_lands_records(
+    make_config: ConfigFactory, aws: Aws, sim: Simulator
+) -> None:
     code, out, err = await finnstream("run", "--once", "--config", str(make_config()))
     assert code == 0, err
     assert_clean(out, err)
@@ -66,7 +72,9 @@ async def test_run_once_exits_0_and_lands_records(make_config: ConfigFactory, aw
         ("symbols: [AAPL]\nbogus: 1\n", "bogus"),
     ],
 )
-async def test_bad_config_exits_2_naming_the_field(tmp_path: Path, yaml_text: str, field: str) -> None:
+async def test_bad_config_exits_2_naming_the_field(
+    tmp_path: Path, yaml_text: str, field: str
+) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(yaml_text)
     for command in (["check-config"], ["run", "--once"]):
@@ -100,8 +108,9 @@ async def test_missing_secret_exits_3(make_config: ConfigFactory, aws: Aws, sim:
         ("not json at all", "is not JSON"),
     ],
 )
-async def test_unusable_secret_exits_3(make_config: ConfigFactory, aws: Aws, sim: Simulator,
-                                       secret: str, words: str) -> None:
+async def test_unusable_secret_exits_3(
+    make_config: ConfigFactory, aws: Aws, sim: Simulator, secret: str, words: str
+) -> None:
     aws.put_secret(secret)
     code, out, err = await finnstream("run", "--once", "--config", str(make_config()))
     assert code == 3
@@ -126,8 +135,9 @@ async def test_missing_stream_exits_3(make_config: ConfigFactory, aws: Aws, sim:
     assert_clean(out, err)
 
 
-async def test_token_from_env_is_used_and_never_printed(make_config: ConfigFactory, aws: Aws,
-                                                        sim: Simulator) -> None:
+async def test_token_from_env_is_used_and_never_printed(
+    make_config: ConfigFactory, aws: Aws, sim: Simulator
+) -> None:
     env = subprocess_env(FINNHUB_TOKEN=TOKEN, **ENV)
     path = make_config(finnhub={"token_secret_id": "finnstream/not-needed"})
     code, out, err = await finnstream("run", "--once", "--config", str(path), env=env)
@@ -136,11 +146,20 @@ async def test_token_from_env_is_used_and_never_printed(make_config: ConfigFacto
     assert '"source":"env:FINNHUB_TOKEN"' in out
 
 
-async def test_sigterm_stops_the_daemon_with_exit_0(make_config: ConfigFactory, aws: Aws,
-                                                    sim: Simulator) -> None:
+async def test_sigterm_stops_the_daemon_with_exit_0(
+    make_config: ConfigFactory, aws: Aws, sim: Simulator
+) -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "finnstream", "run", "--config", str(make_config()),
-        env=subprocess_env(**ENV), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "finnstream",
+        "run",
+        "--config",
+        str(make_config()),
+        env=subprocess_env(**ENV),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     assert proc.stdout is not None
     lines = []
     while True:  # wait until it is ready, reading its own log
