@@ -47,6 +47,7 @@ class RateLimiter:
         self._clock = clock
         self._window: deque[float] = deque(maxlen=per_minute)  # the last `per_minute` starts
         self._next_free = float("-inf")
+        self._turn = asyncio.Lock()  # FIFO: one caller at a time waits for the next start
         self._quote_users = 0
         self._quotes_idle = asyncio.Event()
         self._quotes_idle.set()
@@ -61,36 +62,46 @@ class RateLimiter:
     def interval(self) -> float:
         return self._interval
 
-    def reserve(self) -> float:
-        """Claim the earliest start allowed by both windows; returns it (monotonic seconds)."""
-        now = self._clock.monotonic()
+    def _earliest(self, now: float) -> float:
         start = max(now, self._next_free)
         if len(self._window) == self._per_minute:
             start = max(start, self._window[0] + 60.0 + MINUTE_GUARD_S)
+        return start
+
+    def _record(self, start: float) -> None:
         self._window.append(start)
         self._next_free = start + self._interval
+
+    def reserve(self) -> float:
+        """Claim the earliest start allowed by both windows without waiting for it."""
+        start = self._earliest(self._clock.monotonic())
+        self._record(start)
         return start
 
     def delay(self) -> float:
-        """Seconds until a start reserved now would go out (for forecasting, reserves nothing)."""
+        """Seconds until a request asked for now could start (a forecast: reserves nothing)."""
         now = self._clock.monotonic()
-        start = max(now, self._next_free)
-        if len(self._window) == self._per_minute:
-            start = max(start, self._window[0] + 60.0 + MINUTE_GUARD_S)
-        return start - now
+        return self._earliest(now) - now
 
     async def acquire(self, priority: Priority = Priority.QUOTE) -> float:
-        """Wait for a start slot; returns how long the caller waited. Raises `LimiterClosed`."""
+        """Wait for a start slot; returns how long the caller waited. Raises `LimiterClosed`.
+
+        The start is recorded when the caller really goes, not when it was planned: after an
+        event-loop stall, the callers behind it are spaced from the late start, never bunched.
+        """
         if priority is Priority.BACKGROUND:
             while not self._quotes_idle.is_set():
                 await self._quotes_idle.wait()
-        if self._closed.is_set():
-            raise LimiterClosed("stopping: no new requests")
-        start = self.reserve()
-        wait = start - self._clock.monotonic()
-        if wait > 0:
-            await self._sleep_unless_closed(wait)
-        return max(0.0, wait)
+        asked = self._clock.monotonic()
+        async with self._turn:
+            if self._closed.is_set():
+                raise LimiterClosed("stopping: no new requests")
+            now = self._clock.monotonic()
+            start = self._earliest(now)
+            if start > now:
+                await self._sleep_unless_closed(start - now)
+            self._record(max(start, self._clock.monotonic()))
+        return self._clock.monotonic() - asked
 
     async def _sleep_unless_closed(self, seconds: float) -> None:
         sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
