@@ -18,27 +18,35 @@ from finnstream.metrics import Metrics
 
 log = structlog.get_logger("finnstream.health")
 
+STUCK_AFTER_S = 120.0  # two minutes with a tick waiting and no cycle starting
+
+
+def _never() -> float:
+    return float("-inf")
+
 
 @dataclass
 class HealthState:
     ready: bool = False
     scheduler_alive: Callable[[], bool] = lambda: False
+    scheduler_overdue: Callable[[], float] = _never  # seconds past due (> 0: the scheduler is late)
+    ticks_waiting: Callable[[], int] = lambda: 0
     last_cycle_mono: float | None = None
     started_mono: float = 0.0
-    interval_s: float = 60.0
     token_valid: bool = True
     backfill_enabled: bool = True
     spool_full: bool = False
     problems: list[str] = field(default_factory=list)
 
     def check(self, now_mono: float) -> tuple[bool, dict[str, Any]]:
-        reasons = []
+        reasons = list(self.problems)
         if not self.scheduler_alive():
             reasons.append("scheduler is not running")
+        elif (late := self.scheduler_overdue()) > 0:
+            reasons.append(f"scheduler has not fired for {late:.0f} s past two intervals")
         since = self.last_cycle_mono if self.last_cycle_mono is not None else self.started_mono
-        # Before the first tick, allow two intervals from start-up as well.
-        if now_mono - since > 2 * self.interval_s:
-            reasons.append(f"no cycle started for {now_mono - since:.0f} s")
+        if self.ticks_waiting() and now_mono - since > STUCK_AFTER_S:
+            reasons.append(f"a tick has waited while no cycle started for {now_mono - since:.0f} s")
         if not self.token_valid:
             reasons.append("Finnhub rejects the token: put a valid one in the secret")
         body = {
@@ -47,6 +55,9 @@ class HealthState:
             "ready": self.ready,
             "backfill_enabled": self.backfill_enabled,
             "spool_full": self.spool_full,
+            "seconds_since_last_cycle": None
+            if self.last_cycle_mono is None
+            else round(now_mono - self.last_cycle_mono, 1),
         }
         return not reasons, body
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,15 +23,64 @@ from finnstream.clock import MINUTE_S, SYSTEM_CLOCK, Clock, minute_slot
 log = structlog.get_logger("finnstream.schedule")
 
 MAX_LOOKBACK_S = 3 * 24 * 3600  # gaps older than this when starting up are not ledgered
-MAX_PENDING_TICKS = 2
+
+
+CRON_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+
+
+def _crontab_day(token: str) -> int:
+    name = token.strip().lower()[:3]
+    if name in CRON_DAYS:
+        return CRON_DAYS.index(name)
+    if not token.isdigit() or not 0 <= int(token) <= 7:
+        raise ValueError(f"day of week {token!r} is not 0-7 or a day name")
+    return int(token) % 7
+
+
+def _weekdays(field: str) -> str:
+    """Crontab's day-of-week (0 or 7 = Sunday) as APScheduler day names (its 0 is Monday)."""
+    if field == "*":
+        return "*"
+    days: set[int] = set()
+    for part in field.split(","):
+        span, _, step_text = part.partition("/")
+        step = int(step_text) if step_text.isdigit() and int(step_text) > 0 else None
+        if step_text and step is None:
+            raise ValueError(f"day of week step {step_text!r} is not a positive number")
+        if span == "*":
+            first, last = 0, 6
+        elif "-" in span:
+            lo, hi = span.split("-", 1)
+            first, last = _crontab_day(lo), _crontab_day(hi)
+            last = 7 if hi.strip() == "7" else last
+            if last < first:
+                raise ValueError(f"day of week range {span!r} runs backwards")
+        else:
+            first = last = _crontab_day(span)
+        days.update(d % 7 for d in range(first, last + 1, step or 1))
+    return ",".join(CRON_DAYS[d] for d in sorted(days))
 
 
 def parse_cron(expr: str) -> CronTrigger:
-    """A 5-field UTC cron (minute hour day month weekday). Raises ValueError naming the problem."""
+    """A 5-field UTC cron (minute hour day month weekday, crontab's meaning of weekday numbers).
+
+    Raises ValueError naming the problem.
+    """
+    fields = expr.split()
     try:
-        return CronTrigger.from_crontab(expr, timezone=dt.UTC)
+        if len(fields) != 5:
+            raise ValueError(f"it has {len(fields)} fields, not 5 (minute hour day month weekday)")
+        minute, hour, day, month, weekday = fields
+        return CronTrigger(
+            minute=minute,
+            hour=hour,
+            day=day,
+            month=month,
+            day_of_week=_weekdays(weekday),
+            timezone=dt.UTC,
+        )
     except ValueError as exc:
-        raise ValueError(f"{expr!r} is not a 5-field cron expression: {exc}") from None
+        raise ValueError(f"{expr!r} is not a valid 5-field cron expression: {exc}") from None
 
 
 def _utc(epoch: int) -> dt.datetime:
@@ -60,6 +108,7 @@ class Tick:
     minute: int  # the slot: the scheduled fire time
     fired_mono: float  # monotonic clock when the job ran (lag = fired_wall - minute)
     fired_wall: float
+    catch_up: bool = False  # queued at start-up for the minute already under way
 
 
 class Ticker:
@@ -77,14 +126,13 @@ class Ticker:
         self._is_open = is_open
         self._queue: asyncio.Queue[Tick] = asyncio.Queue()
         self._scheduler: AsyncIOScheduler | None = None
-        self.interval_s = self._interval()
+        self.last_fire_wall = clock.time()
+        self.next_fire_wall = self._next_after(self.last_fire_wall)
 
-    def _interval(self) -> int:
-        """The longest distance between two fire times over the next day (for health)."""
-        now = minute_slot(self._clock.time())
-        slots = fire_times(self.trigger, now, now + 24 * 3600)
-        gaps = [b - a for a, b in itertools.pairwise(slots)]
-        return max(gaps, default=MINUTE_S)
+    def _next_after(self, wall: float) -> float:
+        at = dt.datetime.fromtimestamp(wall, tz=dt.UTC)
+        nxt = self.trigger.get_next_fire_time(at, at + dt.timedelta(microseconds=1))
+        return float(nxt.timestamp()) if nxt is not None else float("inf")
 
     def start(self) -> None:
         self._scheduler = AsyncIOScheduler(timezone=dt.UTC)
@@ -107,16 +155,23 @@ class Ticker:
     def alive(self) -> bool:
         return self._scheduler is not None and self._scheduler.running
 
+    def overdue(self, now_wall: float) -> float:
+        """Seconds past the due fire plus one interval of grace (above 0: the scheduler is sick)."""
+        grace = max(MINUTE_S, self.next_fire_wall - self.last_fire_wall)
+        return now_wall - (self.next_fire_wall + grace)
+
     async def _fire(self) -> None:
         self.fire(self._clock.time(), self._clock.monotonic())
 
-    def fire(self, wall: float, mono: float) -> None:
+    def fire(self, wall: float, mono: float, *, catch_up: bool = False) -> None:
         """Queue the slot that `wall` falls in (the job fires at second 0 of the slot)."""
         minute = minute_slot(wall)
+        self.last_fire_wall = wall
+        self.next_fire_wall = self._next_after(minute)
         if self._is_open is not None and not self._is_open(minute):
             log.debug("schedule.market_closed", minute=minute)
             return
-        self._queue.put_nowait(Tick(minute, mono, wall))
+        self._queue.put_nowait(Tick(minute, mono, wall, catch_up))
 
     async def next_tick(self) -> Tick:
         return await self._queue.get()
