@@ -13,13 +13,14 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import structlog
 from aiobotocore.session import AioSession
 
 from finnstream.backfill import Backfiller
 from finnstream.clock import SYSTEM_CLOCK, Clock, minute_slot
-from finnstream.config import Config, minute_capacity, shard_symbols
+from finnstream.config import Config, aws_region, minute_capacity, shard_symbols
 from finnstream.cycle import CycleOutcome, QuoteCycle
 from finnstream.errors import EXIT_OK, EXIT_UNDELIVERED, ConfigError
 from finnstream.finnhub import FinnhubClient
@@ -46,6 +47,20 @@ STOP_PUBLISH_GRACE_S = 20.0  # after SIGTERM, sends may go on this long; ECS wai
 DRAIN_BATCHES_PER_CYCLE = 20  # spool backlog sent beside each cycle (10,000 records)
 
 
+@dataclass(frozen=True)
+class CycleReport:
+    minute: int
+    symbols: int
+    published: int
+    delivered: int
+    spooled: int
+    failed: int
+    unknown: int
+    lag_s: float
+    took_s: float
+    on_time: bool  # started by its tick (not a catch-up for the minute already under way)
+
+
 class App:
     def __init__(
         self,
@@ -61,6 +76,7 @@ class App:
         self.session = session or AioSession()
         self.metrics = Metrics()
         self.symbols = shard_symbols(cfg)
+        self.region = aws_region(cfg, self.environ)
         self.health = HealthState(
             started_mono=clock.monotonic(), backfill_enabled=cfg.backfill.enabled
         )
@@ -70,6 +86,7 @@ class App:
         self._tasks: set[asyncio.Task[None]] = set()
         self._market_open: Callable[[int], bool] | None = None
         self.ticker: Ticker | None = None
+        self.cycle_listeners: list[Callable[[CycleReport], None]] = []
         self.health_server: HealthServer | None = None
 
     # ---- start -------------------------------------------------------------------------------
@@ -93,7 +110,7 @@ class App:
         token = await load_token(
             cfg.finnhub,
             self.session,
-            region=cfg.kinesis.region,
+            region=self.region,
             endpoint_url=self._endpoint("secretsmanager"),
             environ=self.environ,
         )
@@ -113,7 +130,9 @@ class App:
         self.client.open()
         self._stack.push_async_callback(self.client.close)
         self.sink = KinesisSink(
-            cfg.kinesis.model_copy(update={"endpoint_url": self._endpoint("kinesis")}),
+            cfg.kinesis.model_copy(
+                update={"endpoint_url": self._endpoint("kinesis"), "region": self.region}
+            ),
             self.session,
             self.metrics,
             clock=self.clock,
@@ -183,7 +202,7 @@ class App:
         return await fetch_secret_token(
             self.cfg.finnhub,
             self.session,
-            region=self.cfg.kinesis.region,
+            region=self.region,
             endpoint_url=self._endpoint("secretsmanager"),
         )
 
@@ -254,7 +273,7 @@ class App:
             log.info("cycle.market_closed", minute=minute)
             return EXIT_OK if spool_empty else EXIT_UNDELIVERED
         undelivered = await self.run_cycle(
-            minute, self.clock.monotonic() - (now - minute), drain=False
+            minute, self.clock.monotonic() - (now - minute), drain=False, lag=False
         )
         spool_empty = spool_empty and self.spool.depth_records == 0
         complete = not undelivered and spool_empty and not self.stopping.is_set()
@@ -263,8 +282,10 @@ class App:
     async def run_forever(self) -> int:
         """The daemon: a cycle per tick until `request_stop`."""
         self.ticker = Ticker(self.cfg.schedule.cron, clock=self.clock, is_open=self._is_open_fn())
-        self.health.interval_s = self.ticker.interval_s
-        self.health.scheduler_alive = lambda: self.ticker is not None and self.ticker.alive
+        ticker = self.ticker
+        self.health.scheduler_alive = lambda: ticker.alive
+        self.health.scheduler_overdue = lambda: ticker.overdue(self.clock.time())
+        self.health.ticks_waiting = ticker.pending
         self._spawn(self._stop_watcher(), "stop-watcher")
         now = self.clock.time()
         current = minute_slot(now)
@@ -274,22 +295,23 @@ class App:
             cron_matches(self.ticker.trigger, current)
             and self.ledger.last_completed_slot() != current
         ):
-            self.ticker.fire(now, self.clock.monotonic())  # catch up on the minute we started in
+            # Catch up on the minute we started in (a restart or deploy leaves no gap).
+            self.ticker.fire(now, self.clock.monotonic(), catch_up=True)
         if self.cfg.backfill.enabled:
             self._spawn(self.backfiller.loop(self.stopping), "backfill")
-        delivered_all = True
         while not self.stopping.is_set():
             tick = await self._next_tick()
             if tick is None:
                 break
-            lateness = self.clock.time() - tick.minute
-            if lateness >= self.ticker.interval_s:
-                self._skip(tick.minute, f"cycle started {lateness:.0f} s after its minute")
+            if self.ticker.pending():
+                # A newer slot is already due: a late quote would be the wrong minute's price.
+                self._skip(tick.minute, "a newer minute was due before this cycle could start")
                 continue
-            undelivered = await self.run_cycle(
-                tick.minute, tick.fired_mono - (tick.fired_wall - tick.minute)
+            await self.run_cycle(
+                tick.minute,
+                tick.fired_mono - (tick.fired_wall - tick.minute),
+                lag=not tick.catch_up,
             )
-            delivered_all = delivered_all and not undelivered
         log.info("app.stopped", spool_records=self.spool.depth_records)
         return EXIT_OK
 
@@ -342,7 +364,9 @@ class App:
                 gaps_added=added,
             )
 
-    async def run_cycle(self, minute: int, tick_mono: float, *, drain: bool = True) -> list[Record]:
+    async def run_cycle(
+        self, minute: int, tick_mono: float, *, drain: bool = True, lag: bool = True
+    ) -> list[Record]:
         """One cycle for `minute`; returns the records that ended in the spool."""
         self.health.last_cycle_mono = self.clock.monotonic()
         self.metrics.last_cycle.set(minute)
@@ -352,13 +376,28 @@ class App:
             asyncio.ensure_future(self.drain_spool(DRAIN_BATCHES_PER_CYCLE)) if drain else None
         )
         outcome = await self.cycle.run(minute, self.symbols, publisher, tick_mono)
-        self.metrics.schedule_lag.observe(max(0.0, outcome.lag_s))
+        if lag:
+            self.metrics.schedule_lag.observe(max(0.0, outcome.lag_s))
         undelivered = await self._finish(publisher)
         if drainer is not None:
             await drainer
         took = self.clock.monotonic() - tick_mono
         self.metrics.cycle_seconds.observe(took)
         await asyncio.shield(asyncio.to_thread(self._settle, outcome, undelivered))
+        report = CycleReport(
+            minute=minute,
+            symbols=len(self.symbols),
+            published=outcome.published,
+            delivered=outcome.published - len(undelivered),
+            spooled=len(undelivered),
+            failed=len(outcome.failed),
+            unknown=len(outcome.unknown),
+            lag_s=outcome.lag_s,
+            took_s=took,
+            on_time=lag,
+        )
+        for listener in self.cycle_listeners:
+            listener(report)
         log.info(
             "cycle.done",
             minute=minute,

@@ -30,7 +30,7 @@ def parse_time(text: str) -> int:
     value = text.strip()
     try:
         return int(float(value))
-    except ValueError:
+    except (ValueError, OverflowError):
         pass
     try:
         parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))

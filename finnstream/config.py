@@ -30,7 +30,8 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # A number where text is expected (a stream called 2024) is taken as text.
+    model_config = ConfigDict(frozen=True, extra="forbid", coerce_numbers_to_str=True)
 
 
 class FinnhubConfig(_Section):
@@ -262,3 +263,10 @@ def shard_symbols(cfg: Config) -> list[str]:
     if cfg.shard.count == 1:
         return list(cfg.symbols)
     return [s for s in cfg.symbols if shard_of(s, cfg.shard.count) == cfg.shard.index]
+
+
+def aws_region(cfg: Config, environ: Mapping[str, str]) -> str | None:
+    """`kinesis.region`, else AWS_REGION, else AWS_DEFAULT_REGION (botocore reads only the last)."""
+    return (
+        cfg.kinesis.region or environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION") or None
+    )

@@ -69,9 +69,7 @@ def configure_logging(level: str = "INFO", fmt: str = "json", stream: TextIO | N
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        structlog.processors.format_exc_info
-        if fmt == "json"
-        else structlog.processors.StackInfoRenderer(),
+        structlog.processors.format_exc_info,  # exceptions become text, so redaction sees them
         redact_secrets,
         renderer,
     ]
@@ -85,5 +83,5 @@ def configure_logging(level: str = "INFO", fmt: str = "json", stream: TextIO | N
     logging.basicConfig(
         level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s"
     )
-    for noisy in ("apscheduler", "botocore", "aiobotocore", "aiohttp.access"):
+    for noisy in ("apscheduler", "botocore", "aiobotocore", "aiohttp.access", "werkzeug"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

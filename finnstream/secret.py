@@ -64,8 +64,9 @@ def extract_token(secret_string: str, key: str | None, secret_id: str) -> str:
 def _describe_client_error(exc: ClientError, secret_id: str) -> str:
     code = exc.response.get("Error", {}).get("Code", "Unknown")
     hints = {
-        "ResourceNotFoundException": "it does not exist in this account and region; create it or "
-        "set finnhub.token_secret_id",
+        "ResourceNotFoundException": "it does not exist in this account and region, or has no "
+        "value yet (aws secretsmanager put-secret-value); create it or set "
+        "finnhub.token_secret_id",
         "AccessDeniedException": "access denied: the task role needs secretsmanager:GetSecretValue "
         "on this secret",
         "DecryptionFailure": "its KMS key cannot decrypt it: grant kms:Decrypt to the task role",

@@ -12,7 +12,7 @@ import structlog
 from aiobotocore.session import AioSession
 from botocore.exceptions import BotoCoreError, ClientError
 
-from finnstream.config import Config
+from finnstream.config import Config, aws_region
 from finnstream.errors import StreamMissing
 
 log = structlog.get_logger("finnstream.tail")
@@ -56,7 +56,7 @@ async def tail(
     session = session or AioSession()
     printed = 0
     async with session.create_client(
-        "kinesis", region_name=cfg.kinesis.region, endpoint_url=kinesis_endpoint(cfg)
+        "kinesis", region_name=aws_region(cfg, os.environ), endpoint_url=kinesis_endpoint(cfg)
     ) as client:
         try:
             shard_ids = await _shard_ids(client, stream)
