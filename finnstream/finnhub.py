@@ -238,6 +238,7 @@ class FinnhubClient:
         async with self._refresh_lock:
             now = self._clock.monotonic()
             if now - self._last_refresh < REFRESH_EVERY_S:
+                self.token_valid = False
                 return False
             self._last_refresh = now
             try:

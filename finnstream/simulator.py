@@ -68,6 +68,7 @@ class SimulatorSettings:
     premium: bool = True  # False: /stock/candle answers 403
     unknown_symbols: frozenset[str] = frozenset({"ZZZZ", "UNKNOWN"})
     fail_symbols: frozenset[str] = frozenset()  # always 500 for these
+    fail_quote_symbols: frozenset[str] = frozenset()  # 500 on /quote only (candles still answer)
     hang_symbols: frozenset[str] = frozenset()  # never answer (until the client gives up)
     no_candle_symbols: frozenset[str] = frozenset()
     seed: int = 0
@@ -335,6 +336,8 @@ class Simulator:
             return _json(422, {"error": "symbol is required"})
         if trouble := await self._trouble(symbol):
             return trouble
+        if symbol in settings.fail_quote_symbols:
+            return _json(500, SERVER_ERROR)
         minute = minute_slot(self._clock())
         body = (
             dict(UNKNOWN_QUOTE) if symbol in settings.unknown_symbols else quote_for(symbol, minute)
