@@ -70,6 +70,8 @@ class Backfiller:
         self._metrics = metrics
         self._clock = clock
         self.enabled = cfg.enabled
+        self.passes = 0  # completed passes over the ledger
+        self._passed = asyncio.Condition()
         self._on_spool = on_spool
 
     def disable(self, why: str) -> None:
@@ -86,6 +88,9 @@ class Backfiller:
         """Work through the ledger now and every `every_minutes`, until `stop`."""
         while not stop.is_set():
             await self.run_once()
+            async with self._passed:
+                self.passes += 1
+                self._passed.notify_all()
             waiter = asyncio.ensure_future(stop.wait())
             sleeper = asyncio.ensure_future(self._clock.sleep(self._cfg.every_minutes * MINUTE_S))
             try:
@@ -93,6 +98,11 @@ class Backfiller:
             finally:
                 waiter.cancel()
                 sleeper.cancel()
+
+    async def wait_passes(self, count: int) -> None:
+        """Return once the background loop has completed `count` passes."""
+        async with self._passed:
+            await self._passed.wait_for(lambda: self.passes >= count)
 
     async def run_once(self) -> BackfillReport:
         report = BackfillReport()

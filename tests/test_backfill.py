@@ -105,8 +105,7 @@ async def test_the_daemon_refills_a_down_minute_and_an_always_failing_symbol(
     clock.offset += 180  # three minutes later the daemon is running and candles have settled
     async with new_app(path, aws, clock) as app:
         daemon = asyncio.create_task(app.run_forever())
-        while any(g.minute <= now for g in await asyncio.to_thread(app.ledger.open_gaps)):
-            await asyncio.sleep(0.05)  # noqa: ASYNC110 - waiting on the daemon's own backfill task
+        await asyncio.wait_for(app.backfiller.wait_passes(1), 30)  # its start-up pass
         app.request_stop()
         assert await asyncio.wait_for(daemon, 30) == 0
     candles = {(r["symbol"], r["minute"]): r for r in aws.records() if r["source"] == "candle"}

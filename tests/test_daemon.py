@@ -1,4 +1,4 @@
-"""The daemon as it runs for days: the real scheduler, health, metrics, token rotation, tail, demo."""
+"""The daemon as it runs for days: the scheduler, health, metrics, rotation, tail, demo."""
 
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ class Cycles:
         self.reports.append(report)
         self._changed.set()
 
-    async def wait(self, count: int, timeout: float) -> None:
-        async with asyncio.timeout(timeout):
+    async def wait(self, count: int, within: float) -> None:
+        async with asyncio.timeout(within):
             while len(self.reports) < count:
                 self._changed.clear()
                 await self._changed.wait()
@@ -103,7 +103,7 @@ async def test_the_daemon_fires_at_each_minute_and_polls_every_symbol_once(
 
 
 def token_reasons(app: App) -> list[str]:
-    healthy, body = app.health.check(time.monotonic())
+    _, body = app.health.check(time.monotonic())
     reasons: list[str] = body["reasons"]
     return [r for r in reasons if "token" in r]
 
