@@ -24,8 +24,8 @@ demo: $(STAMP)
 	$(BIN)/finnstream demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check finnstream tests bench
-	$(BIN)/ruff format --check finnstream tests bench
+	$(BIN)/ruff check finnstream tests $(wildcard bench)
+	$(BIN)/ruff format --check finnstream tests $(wildcard bench)
 
 types: $(STAMP)
 	$(BIN)/mypy

@@ -312,8 +312,10 @@ class App:
                 tick.fired_mono - (tick.fired_wall - tick.minute),
                 lag=not tick.catch_up,
             )
-        log.info("app.stopped", spool_records=self.spool.depth_records)
-        return EXIT_OK
+        log.info(
+            "app.stopped", spool_records=self.spool.depth_records, problems=self.health.problems
+        )
+        return EXIT_UNDELIVERED if self.health.problems else EXIT_OK
 
     async def _next_tick(self) -> Tick | None:
         assert self.ticker is not None
@@ -370,7 +372,10 @@ class App:
         """One cycle for `minute`; returns the records that ended in the spool."""
         self.health.last_cycle_mono = self.clock.monotonic()
         self.metrics.last_cycle.set(minute)
-        await asyncio.to_thread(self.ledger.set_last_started_slot, minute)
+        # Recorded beside the cycle, not before it: the first request must not wait on an fsync.
+        started = asyncio.ensure_future(
+            asyncio.to_thread(self.ledger.set_last_started_slot, minute)
+        )
         publisher = Publisher(self.sink, self.clock)
         drainer = (
             asyncio.ensure_future(self.drain_spool(DRAIN_BATCHES_PER_CYCLE)) if drain else None
@@ -381,6 +386,7 @@ class App:
         undelivered = await self._finish(publisher)
         if drainer is not None:
             await drainer
+        await started
         took = self.clock.monotonic() - tick_mono
         self.metrics.cycle_seconds.observe(took)
         await asyncio.shield(asyncio.to_thread(self._settle, outcome, undelivered))

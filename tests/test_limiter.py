@@ -1,0 +1,290 @@
+"""The rate limiter, on an injected FakeClock: exact start times, both windows, close, priority."""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import itertools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from finnstream.clock import FakeClock
+from finnstream.limiter import (
+    MINUTE_GUARD_S,
+    SECOND_GUARD,
+    LimiterClosed,
+    Priority,
+    RateLimiter,
+)
+
+EPS = 1e-9
+
+
+def max_in_window(starts: list[float], width: float) -> int:
+    """The most starts any half-open window (t - width, t] holds (t ranging over the starts)."""
+    ordered = sorted(starts)
+    best = 0
+    for i, t in enumerate(ordered):
+        first = bisect.bisect_right(ordered, t - width + EPS)
+        best = max(best, i + 1 - first)
+    return best
+
+
+async def acquire_starts(limiter: RateLimiter, clock: FakeClock, n: int) -> list[float]:
+    """Acquire `n` times in sequence; the FakeClock's time after each is that request's start."""
+    starts = []
+    for _ in range(n):
+        await limiter.acquire()
+        starts.append(clock.monotonic())
+    return starts
+
+
+class StuckClock(FakeClock):
+    """A FakeClock whose sleep never returns: a waiter stays waiting until something else acts."""
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        await asyncio.Event().wait()
+
+
+# --- reserve: exact start times --------------------------------------------------------------
+
+
+def test_reserve_paces_starts_evenly_from_now() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(per_second=10, per_minute=1000, clock=clock)
+    interval = SECOND_GUARD / 10
+
+    starts = [limiter.reserve() for _ in range(5)]
+
+    assert limiter.interval == pytest.approx(interval)
+    assert starts == pytest.approx([0.0, interval, 2 * interval, 3 * interval, 4 * interval])
+
+
+def test_reserve_waits_for_the_minute_window_plus_its_guard() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(per_second=30, per_minute=3, clock=clock)
+
+    starts = [limiter.reserve() for _ in range(5)]
+
+    interval = SECOND_GUARD / 30
+    assert starts == pytest.approx(
+        [0.0, interval, 2 * interval, 60 + MINUTE_GUARD_S, 60 + MINUTE_GUARD_S + interval]
+    )
+
+
+def test_delay_forecasts_without_reserving() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(per_second=1, per_minute=60, clock=clock)
+
+    assert limiter.delay() == 0
+    limiter.reserve()
+    assert limiter.delay() == pytest.approx(SECOND_GUARD)
+    assert limiter.delay() == pytest.approx(SECOND_GUARD)
+    assert limiter.reserve() == pytest.approx(SECOND_GUARD)
+
+
+# --- acquire: the windows hold ---------------------------------------------------------------
+
+
+async def test_free_plan_sixty_go_in_two_seconds_and_the_61st_waits_a_minute() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(per_second=30, per_minute=60, clock=clock)
+
+    starts = await acquire_starts(limiter, clock, 61)
+
+    assert starts[0] == 0.0
+    assert starts[59] == pytest.approx(59 * SECOND_GUARD / 30)
+    assert starts[59] < 2.1
+    assert starts[60] == pytest.approx(starts[0] + 60 + MINUTE_GUARD_S)
+    assert max_in_window(starts, 1.0) <= 30
+    assert max_in_window(starts, 60.0) <= 60
+
+
+async def test_acquire_returns_how_long_it_waited() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(per_second=2, per_minute=60, clock=clock)
+
+    assert await limiter.acquire() == 0.0
+    assert await limiter.acquire() == pytest.approx(SECOND_GUARD / 2)
+    assert clock.sleeps == pytest.approx([SECOND_GUARD / 2])
+
+
+async def test_many_starts_never_break_either_window_and_are_evenly_spaced() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(per_second=5, per_minute=120, clock=clock)
+
+    starts = await acquire_starts(limiter, clock, 400)
+
+    assert max_in_window(starts, 1.0) <= 5
+    assert max_in_window(starts, 60.0) <= 120
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert min(gaps) == pytest.approx(SECOND_GUARD / 5)
+    # inside each minute window the pace is exactly the interval
+    assert gaps[:119] == pytest.approx([SECOND_GUARD / 5] * 119)
+
+
+async def test_concurrent_callers_are_served_in_order_and_spaced() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(per_second=10, per_minute=15, clock=clock)
+    order: list[int] = []
+    starts: list[float] = []
+
+    async def caller(i: int) -> None:
+        await limiter.acquire()
+        order.append(i)
+        starts.append(clock.monotonic())
+
+    await asyncio.gather(*(caller(i) for i in range(20)))
+
+    assert order == list(range(20))
+    assert starts == sorted(starts)
+    assert max_in_window(starts, 1.0) <= 10
+    assert max_in_window(starts, 60.0) <= 15
+    assert starts[:15] == pytest.approx([i * SECOND_GUARD / 10 for i in range(15)])
+    assert starts[15] == pytest.approx(60 + MINUTE_GUARD_S)
+
+
+async def test_after_idle_the_first_request_goes_at_once_without_a_burst() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(per_second=2, per_minute=60, clock=clock)
+    await acquire_starts(limiter, clock, 3)
+    clock.advance(300.0)
+    idle_until = clock.monotonic()
+
+    waited = await limiter.acquire()
+    second = await limiter.acquire()
+
+    assert waited == 0.0
+    assert clock.monotonic() == pytest.approx(idle_until + SECOND_GUARD / 2)
+    assert second == pytest.approx(SECOND_GUARD / 2)  # no catch-up burst for the idle time
+
+
+# --- close -----------------------------------------------------------------------------------
+
+
+async def test_close_wakes_a_waiting_acquire_at_once() -> None:
+    clock = StuckClock()
+    limiter = RateLimiter(per_second=1, per_minute=1, clock=clock)
+    await limiter.acquire()
+    waiter = asyncio.create_task(limiter.acquire())
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    assert clock.sleeps == pytest.approx([60 + MINUTE_GUARD_S])
+
+    limiter.close()
+
+    with pytest.raises(LimiterClosed):
+        await asyncio.wait_for(waiter, timeout=1.0)
+
+
+async def test_close_wakes_every_queued_caller() -> None:
+    limiter = RateLimiter(per_second=1, per_minute=1, clock=StuckClock())
+    await limiter.acquire()
+    waiters = [asyncio.create_task(limiter.acquire()) for _ in range(3)]
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert not any(w.done() for w in waiters)
+
+    limiter.close()
+
+    results = await asyncio.wait_for(asyncio.gather(*waiters, return_exceptions=True), timeout=1.0)
+    assert all(isinstance(r, LimiterClosed) for r in results), results
+
+
+async def test_acquire_after_close_raises_at_once() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(per_second=30, per_minute=60, clock=clock)
+    limiter.close()
+
+    with pytest.raises(LimiterClosed):
+        await limiter.acquire()
+    with pytest.raises(LimiterClosed):
+        await limiter.acquire(Priority.BACKGROUND)
+    assert clock.sleeps == []
+    assert LimiterClosed("x").retriable is False
+
+
+# --- priority --------------------------------------------------------------------------------
+
+
+async def test_background_waits_while_quotes_are_busy_then_proceeds() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(per_second=30, per_minute=600, clock=clock)
+
+    with limiter.quotes_busy():
+        background = asyncio.create_task(limiter.acquire(Priority.BACKGROUND))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not background.done()
+        await limiter.acquire(Priority.QUOTE)  # quotes go through meanwhile
+        await asyncio.sleep(0)
+        assert not background.done()
+
+    await asyncio.wait_for(background, timeout=1.0)
+
+
+async def test_background_waits_for_every_nested_quote_user() -> None:
+    limiter = RateLimiter(per_second=30, per_minute=600, clock=FakeClock())
+
+    with limiter.quotes_busy():
+        with limiter.quotes_busy():
+            background = asyncio.create_task(limiter.acquire(Priority.BACKGROUND))
+            await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert not background.done()
+
+    await asyncio.wait_for(background, timeout=1.0)
+
+
+async def test_background_without_quotes_goes_at_once() -> None:
+    limiter = RateLimiter(per_second=30, per_minute=600, clock=FakeClock())
+
+    assert await limiter.acquire(Priority.BACKGROUND) == 0.0
+
+
+async def test_close_releases_a_background_waiter_with_limiter_closed() -> None:
+    limiter = RateLimiter(per_second=30, per_minute=600, clock=FakeClock())
+
+    with limiter.quotes_busy():
+        background = asyncio.create_task(limiter.acquire(Priority.BACKGROUND))
+        await asyncio.sleep(0)
+        limiter.close()
+        with pytest.raises(LimiterClosed):
+            await asyncio.wait_for(background, timeout=1.0)
+
+
+# --- property --------------------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(
+    per_second=st.integers(min_value=1, max_value=30),
+    per_minute=st.integers(min_value=1, max_value=120),
+    n=st.integers(min_value=1, max_value=250),
+    idle=st.lists(st.floats(min_value=0, max_value=90), max_size=3),
+)
+def test_windows_always_hold(per_second: int, per_minute: int, n: int, idle: list[float]) -> None:
+    pauses = {i * n // (len(idle) + 1): pause for i, pause in enumerate(idle, start=1)}
+
+    async def run() -> list[float]:
+        clock = FakeClock()
+        limiter = RateLimiter(per_second=per_second, per_minute=per_minute, clock=clock)
+        starts: list[float] = []
+        for i in range(n):
+            clock.advance(pauses.get(i, 0.0))
+            await limiter.acquire()
+            starts.append(clock.monotonic())
+        return starts
+
+    starts = asyncio.run(run())
+
+    assert starts == sorted(starts)
+    assert max_in_window(starts, 1.0) <= per_second
+    assert max_in_window(starts, 60.0) <= per_minute
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert all(gap >= SECOND_GUARD / per_second - EPS for gap in gaps)
