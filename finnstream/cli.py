@@ -111,8 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load(args: argparse.Namespace) -> Config:
     cfg, _ = load_config(args.config)
-    configure_logging(cfg.log.level, cfg.log.format)
+    configure_logging(cfg.log.level, log_format(cfg))
     return cfg
+
+
+def log_format(cfg: Config) -> str:
+    """`log.format` as set; when it is set nowhere: console on a terminal, JSON otherwise."""
+    if "format" in cfg.log.model_fields_set:
+        return cfg.log.format
+    return "console" if sys.stdout.isatty() else "json"
 
 
 def _with_signals(coro_fn: Callable[[Callable[[], None]], Awaitable[int]]) -> int:

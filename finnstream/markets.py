@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import datetime as dt
+import warnings
 from typing import Any
 
 import structlog
@@ -107,12 +108,16 @@ class MarketHours:
         import exchange_calendars as xcals  # noqa: PLC0415 (pulls in pandas: import on use)
 
         try:
-            calendar = xcals.get_calendar(self.exchange, start=first, end=last)
+            with warnings.catch_warnings():
+                # exchange_calendars on pandas 3 warns about pandas' own future changes; the
+                # calendar is read once here and the warnings say nothing to an operator.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                calendar = xcals.get_calendar(self.exchange, start=first, end=last)
+                opens, closes = _intervals(calendar.schedule)
         except (xcals.errors.CalendarError, ValueError) as exc:
             raise MarketHoursError(
                 f"the {self.exchange} calendar cannot cover {first} to {last}: {exc}"
             ) from exc
-        opens, closes = _intervals(calendar.schedule)
         self._opens, self._closes = opens, closes
         self._first, self._last = first, last
 
