@@ -19,7 +19,7 @@ import structlog
 from aiobotocore.session import AioSession
 
 from finnstream.backfill import Backfiller
-from finnstream.clock import SYSTEM_CLOCK, Clock, minute_slot
+from finnstream.clock import SYSTEM_CLOCK, Clock, minute_slot, unless
 from finnstream.config import Config, aws_region, minute_capacity, shard_symbols
 from finnstream.cycle import CycleOutcome, QuoteCycle
 from finnstream.errors import EXIT_OK, EXIT_UNDELIVERED, ConfigError
@@ -319,16 +319,8 @@ class App:
 
     async def _next_tick(self) -> Tick | None:
         assert self.ticker is not None
-        getter = asyncio.ensure_future(self.ticker.next_tick())
-        stopper = asyncio.ensure_future(self.stopping.wait())
-        try:
-            await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopper.cancel()
-        if getter.done():
-            return getter.result()
-        getter.cancel()
-        return None
+        _, tick = await unless(self.stopping, self.ticker.next_tick())
+        return tick
 
     def _skip(self, minute: int, reason: str) -> None:
         self.metrics.skipped_slots.labels(reason="late").inc()
@@ -419,16 +411,10 @@ class App:
         return undelivered
 
     async def _finish(self, publisher: Publisher) -> list[Record]:
-        closing = asyncio.ensure_future(publisher.close())
-        hard = asyncio.ensure_future(self._hard_stop.wait())
-        try:
-            await asyncio.wait({closing, hard}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            hard.cancel()
-        if closing.done():
-            return closing.result()
+        closed, undelivered = await unless(self._hard_stop, publisher.close())
+        if closed and undelivered is not None:
+            return undelivered
         log.warning("app.stop_deadline", action="spooling records still being sent")
-        closing.cancel()
         return await publisher.abort()
 
     def _settle(self, outcome: CycleOutcome, undelivered: Sequence[Record]) -> None:

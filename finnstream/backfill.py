@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from finnstream.clock import MINUTE_S, Clock, minute_slot
+from finnstream.clock import MINUTE_S, Clock, minute_slot, unless
 from finnstream.config import BackfillConfig
 from finnstream.errors import CandlesForbidden, FinnstreamError
 from finnstream.finnhub import FinnhubClient
@@ -91,13 +91,7 @@ class Backfiller:
             async with self._passed:
                 self.passes += 1
                 self._passed.notify_all()
-            waiter = asyncio.ensure_future(stop.wait())
-            sleeper = asyncio.ensure_future(self._clock.sleep(self._cfg.every_minutes * MINUTE_S))
-            try:
-                await asyncio.wait({waiter, sleeper}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                waiter.cancel()
-                sleeper.cancel()
+            await unless(stop, self._clock.sleep(self._cfg.every_minutes * MINUTE_S))
 
     async def wait_passes(self, count: int) -> None:
         """Return once the background loop has completed `count` passes."""

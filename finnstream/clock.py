@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Protocol
+from collections.abc import Awaitable
+from typing import Protocol, TypeVar
+
+T = TypeVar("T")
 
 MINUTE_S = 60
 
@@ -69,3 +72,21 @@ class FakeClock:
 
 
 SYSTEM_CLOCK = SystemClock()
+
+
+async def unless(event: asyncio.Event, aw: Awaitable[T]) -> tuple[bool, T | None]:
+    """Await `aw`, unless `event` is set first, in which case `aw` is cancelled.
+
+    Returns (True, result) when `aw` finished, (False, None) when the event won.
+    """
+    work = asyncio.ensure_future(aw)
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        if not work.done():
+            work.cancel()
+    if work.done() and not work.cancelled():
+        return True, work.result()
+    return False, None

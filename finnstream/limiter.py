@@ -17,7 +17,7 @@ import enum
 from collections import deque
 from collections.abc import Iterator
 
-from finnstream.clock import SYSTEM_CLOCK, Clock
+from finnstream.clock import SYSTEM_CLOCK, Clock, unless
 from finnstream.errors import FinnstreamError
 
 SECOND_GUARD = 1.02  # pace as if a second were 2% longer: room for jitter on the way to Finnhub
@@ -104,14 +104,8 @@ class RateLimiter:
         return self._clock.monotonic() - asked
 
     async def _sleep_unless_closed(self, seconds: float) -> None:
-        sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
-        closer = asyncio.ensure_future(self._closed.wait())
-        try:
-            await asyncio.wait({sleeper, closer}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            sleeper.cancel()
-            closer.cancel()
-        if self._closed.is_set():
+        slept, _ = await unless(self._closed, self._clock.sleep(seconds))
+        if not slept:
             raise LimiterClosed("stopping: no new requests")
 
     @contextlib.contextmanager

@@ -66,71 +66,69 @@ def is_unknown_symbol(body: dict[str, Any]) -> bool:
     return body.get("c") == 0 and body.get("t") == 0
 
 
-def _encode(obj: dict[str, Any]) -> bytes:
-    return orjson.dumps(obj) + b"\n"
+_FIELDS = (
+    "price",
+    "open",
+    "high",
+    "low",
+    "previous_close",
+    "change",
+    "change_percent",
+    "volume",
+    "quote_time",
+    "fetched_at",
+)
+
+
+def _record(symbol: str, minute: int, source: str, fetched_at: float, **fields: Any) -> Record:
+    """The contract's object, fields in contract order (absent ones null), encoded once."""
+    obj: dict[str, Any] = {
+        "schema": SCHEMA_VERSION,
+        "symbol": symbol,
+        "minute": minute,
+        "source": source,
+    }
+    obj.update(dict.fromkeys(_FIELDS))
+    obj.update(fields, fetched_at=round(fetched_at, 3))
+    return Record(symbol, minute, source, orjson.dumps(obj) + b"\n")
 
 
 def quote_record(symbol: str, minute: int, body: Any, fetched_at: float) -> Record:
     """A `quote` record from a /quote answer. Raises `BadAnswer` for a malformed body."""
     if not isinstance(body, dict):
         raise BadAnswer(f"answer is {type(body).__name__}, not an object")
-    obj = {
-        "schema": SCHEMA_VERSION,
-        "symbol": symbol,
-        "minute": minute,
-        "source": SOURCE_QUOTE,
-        "price": _num(body, "c", required=True),
-        "open": _num(body, "o"),
-        "high": _num(body, "h"),
-        "low": _num(body, "l"),
-        "previous_close": _num(body, "pc"),
-        "change": _num(body, "d"),
-        "change_percent": _num(body, "dp"),
-        "volume": None,
-        "quote_time": _int(body, "t"),
-        "fetched_at": round(fetched_at, 3),
-    }
-    return Record(symbol, minute, SOURCE_QUOTE, _encode(obj))
+    return _record(
+        symbol,
+        minute,
+        SOURCE_QUOTE,
+        fetched_at,
+        price=_num(body, "c", required=True),
+        open=_num(body, "o"),
+        high=_num(body, "h"),
+        low=_num(body, "l"),
+        previous_close=_num(body, "pc"),
+        change=_num(body, "d"),
+        change_percent=_num(body, "dp"),
+        quote_time=_int(body, "t"),
+    )
 
 
 def candle_record(symbol: str, minute: int, bar: dict[str, Any], fetched_at: float) -> Record:
     """A `candle` record from one bar {o,h,l,c,v,t} of a /stock/candle answer."""
-    obj = {
-        "schema": SCHEMA_VERSION,
-        "symbol": symbol,
-        "minute": minute,
-        "source": SOURCE_CANDLE,
-        "price": _num(bar, "c", required=True),
-        "open": _num(bar, "o"),
-        "high": _num(bar, "h"),
-        "low": _num(bar, "l"),
-        "previous_close": None,
-        "change": None,
-        "change_percent": None,
-        "volume": _int(bar, "v"),
-        "quote_time": _int(bar, "t"),
-        "fetched_at": round(fetched_at, 3),
-    }
-    return Record(symbol, minute, SOURCE_CANDLE, _encode(obj))
+    return _record(
+        symbol,
+        minute,
+        SOURCE_CANDLE,
+        fetched_at,
+        price=_num(bar, "c", required=True),
+        open=_num(bar, "o"),
+        high=_num(bar, "h"),
+        low=_num(bar, "l"),
+        volume=_int(bar, "v"),
+        quote_time=_int(bar, "t"),
+    )
 
 
 def gap_record(symbol: str, minute: int, reason: str, fetched_at: float) -> Record:
     """A `gap` record: the slot could not be filled, and `reason` says why."""
-    obj = {
-        "schema": SCHEMA_VERSION,
-        "symbol": symbol,
-        "minute": minute,
-        "source": SOURCE_GAP,
-        "price": None,
-        "open": None,
-        "high": None,
-        "low": None,
-        "previous_close": None,
-        "change": None,
-        "change_percent": None,
-        "volume": None,
-        "quote_time": None,
-        "fetched_at": round(fetched_at, 3),
-        "reason": reason,
-    }
-    return Record(symbol, minute, SOURCE_GAP, _encode(obj))
+    return _record(symbol, minute, SOURCE_GAP, fetched_at, reason=reason)
