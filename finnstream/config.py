@@ -155,11 +155,12 @@ def minute_capacity(cfg: FinnhubConfig) -> int:
 def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     """Nested overrides from `FINNSTREAM_<SECTION>__<KEY>` and `FINNSTREAM_SYMBOLS`.
 
-    Values are parsed as YAML scalars (`60`, `true`, `null`), so types match the file.
+    Values are parsed as YAML scalars (`60`, `true`, `null`), so types match the file. An empty
+    variable counts as unset (compose and ECS pass `VAR=` for "no value").
     """
     overrides: dict[str, Any] = {}
     for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG:
+        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG or not raw.strip():
             continue
         if name == ENV_SYMBOLS:
             overrides["symbols"] = [s.strip() for s in raw.split(",") if s.strip()]
@@ -172,7 +173,7 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
                 f"or FINNSTREAM_SYMBOLS"
             )
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = yaml.safe_load(raw)
         except yaml.YAMLError:
             value = raw
         section = overrides.setdefault(path[0], {})

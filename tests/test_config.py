@@ -154,6 +154,17 @@ def test_env_symbols_replace_the_list(write: Write) -> None:
     assert cfg.symbols == ["AAPL", "MSFT"]
 
 
+def test_empty_env_overrides_count_as_unset(write: Write) -> None:
+    cfg = load(
+        write("symbols: [AMZN]\nkinesis: {stream_name: from-file}\n"),
+        FINNSTREAM_SYMBOLS="",
+        FINNSTREAM_KINESIS__STREAM_NAME=" ",
+    )
+
+    assert cfg.symbols == ["AMZN"]
+    assert cfg.kinesis.stream_name == "from-file"
+
+
 def test_env_symbols_alone_satisfy_required_symbols(write: Write) -> None:
     cfg = load(write("log: {level: DEBUG}\n"), FINNSTREAM_SYMBOLS="BRK.B,^GSPC")
 
