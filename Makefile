@@ -36,7 +36,7 @@ lint-infra: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest
 
-check: lint types lint-infra test
+check: lint types lint-infra test test-localstack
 
 test-localstack: $(STAMP)
 	bash scripts/localstack.sh
