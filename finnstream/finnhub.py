@@ -94,9 +94,9 @@ class FinnhubClient:
     async def quote(self, symbol: str, deadline: float) -> dict[str, Any]:
         """The /quote answer for `symbol`, retried until `deadline` (monotonic seconds).
 
-        The first attempt always gets its full timeout, even when a long cycle started it late.
+        The first attempt is always made, with its full timeout, even when the limiter started it
+        after the deadline (a symbol list longer than a minute's pace); retries never are.
         """
-        deadline = max(deadline, self._clock.monotonic() + self._timeout_s)
         body = await self._get_retrying("/quote", {"symbol": symbol}, deadline, Priority.QUOTE)
         if not isinstance(body, dict):
             raise FinnhubError(f"quote for {symbol}: answer is not an object", retriable=False)
@@ -165,26 +165,31 @@ class FinnhubClient:
             wait_max=RETRY_WAIT_MAX_S,
         ):
             with attempt:
+                first = attempt.num == 1
                 try:
-                    return await self._get(path, params, deadline, priority)
+                    return await self._get(path, params, None if first else deadline, priority)
                 except FinnhubError as exc:
                     if exc.status == 401 and refresh and await self._try_refresh():
-                        return await self._get(path, params, deadline, priority)
+                        return await self._get(path, params, None, priority)
                     raise
         raise AssertionError("unreachable: stamina re-raises the last error")  # pragma: no cover
 
     async def _get(
-        self, path: str, params: dict[str, str], deadline: float, priority: Priority
+        self, path: str, params: dict[str, str], deadline: float | None, priority: Priority
     ) -> Any:
+        """One request through the limiter; `deadline` None: a full timeout whatever the hour."""
         if self._session is None:
             raise RuntimeError("FinnhubClient used before open()")
         await self._limiter.acquire(priority)
-        remaining = deadline - self._clock.monotonic()
-        if remaining <= 0:
-            raise FinnhubError(
-                f"GET {path} {params.get('symbol', '')}: deadline passed", retriable=False
-            )
-        timeout = aiohttp.ClientTimeout(total=min(self._timeout_s, remaining))
+        remaining = self._timeout_s
+        if deadline is not None:
+            remaining = min(remaining, deadline - self._clock.monotonic())
+            if remaining <= 0:
+                raise FinnhubError(
+                    f"GET {path} {params.get('symbol', '')}: no time left in its minute to retry",
+                    retriable=False,
+                )
+        timeout = aiohttp.ClientTimeout(total=remaining)
         what = f"GET {path} {params.get('symbol', '')}".strip()
         try:
             async with self._session.get(

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
+
+from structlog.testing import capture_logs
 
 from finnstream.app import App
 from finnstream.clock import minute_slot
@@ -60,3 +64,40 @@ async def test_one_cycle_lands_one_true_record_per_known_symbol(
         assert minute_slot(rec["fetched_at"]) in (minute, minute + 60)
     assert app.metrics.put_calls.labels(result="ok")._value.get() == 1  # one PutRecords call
     assert sim.stats.token_in_url == 0
+
+
+class FastForwardClock:
+    """Real time, except that sleeping moves both clocks forward at once (no real wait)."""
+
+    def __init__(self) -> None:
+        self.skipped = 0.0
+
+    def time(self) -> float:
+        return time.time() + self.skipped
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.skipped
+
+    async def sleep(self, seconds: float) -> None:
+        self.skipped += max(0.0, seconds)
+        await asyncio.sleep(0)
+
+
+async def test_a_list_longer_than_a_minute_still_lands_every_record_in_its_own_slot(
+    make_config: ConfigFactory, aws: Aws, sim: Simulator
+) -> None:
+    symbols = ["AAPL", "MSFT", "AMZN", "NVDA", "META"]
+    path = make_config(symbols, finnhub={"requests_per_minute": 3, "requests_per_second": 5})
+    env = {"AWS_ENDPOINT_URL": aws.url}
+    cfg, _ = load_config(path, environ=env)
+    clock = FastForwardClock()
+    with capture_logs() as logs:
+        async with App(cfg, environ=env, clock=clock) as app:
+            code = await app.run_once()
+    assert code == 0
+    warning = next(e for e in logs if e["event"] == "config.over_capacity")
+    assert warning["symbols"] == 5 and warning["per_minute"] == 3
+    assert clock.skipped > 60  # the limiter really held the last two back past the minute
+    records = aws.records()
+    assert sorted(r["symbol"] for r in records) == sorted(symbols)
+    assert len({r["minute"] for r in records}) == 1  # all in the cycle's own slot
