@@ -11,6 +11,7 @@ from pathlib import Path
 from finnstream.app import App
 from finnstream.config import load_config
 from finnstream.ledger import GapLedger
+from finnstream.records import gap_record
 from finnstream.simulator import Simulator, quote_for
 
 from .conftest import Aws, ConfigFactory, ShiftedClock, app_env, subprocess_env
@@ -189,3 +190,20 @@ async def test_paced_run_never_sees_a_429(
     assert code == 0
     assert sim.stats.rate_limited == 0
     assert len(aws.records()) == 35
+
+
+async def test_a_backlog_drains_oldest_first_beside_the_current_minute(
+    make_config: ConfigFactory, aws: Aws, sim: Simulator
+) -> None:
+    async with new_app(make_config(["AAPL", "MSFT"]), aws) as app:
+        backlog = [gap_record(f"B{i:05d}", 60 * (i // 1000), "outage", 0.0) for i in range(12_000)]
+        app.spool_records(backlog)
+        now = app.clock.time()
+        await app.run_cycle(int(now // 60) * 60, app.clock.monotonic())
+        left = app.spool.depth_records
+    landed = aws.records()
+    current = [r for r in landed if r["source"] == "quote"]
+    drained = [r["symbol"] for r in landed if r["source"] == "gap"]
+    assert sorted(r["symbol"] for r in current) == ["AAPL", "MSFT"]  # not starved
+    assert left == 2_000  # at most 20 batches of 500 beside one cycle
+    assert drained == [f"B{i:05d}" for i in range(10_000)]  # oldest first
