@@ -297,8 +297,8 @@ class App:
         ):
             # Catch up on the minute we started in (a restart or deploy leaves no gap).
             self.ticker.fire(now, self.clock.monotonic(), catch_up=True)
-        if self.cfg.backfill.enabled:
-            self._spawn(self.backfiller.loop(self.stopping), "backfill")
+        # Turned off, the loop still publishes the ledger's slots as `gap` records.
+        self._spawn(self.backfiller.loop(self.stopping), "backfill")
         while not self.stopping.is_set():
             tick = await self._next_tick()
             if tick is None:
@@ -466,6 +466,9 @@ class App:
         self.metrics.spool_depth.set(self.spool.depth_records)
         self.metrics.spool_bytes.set(self.spool.depth_bytes)
         self.metrics.gaps_open.set(self.ledger.count())
+        backfiller = getattr(self, "backfiller", None)
+        if backfiller is not None:
+            self.health.backfill_enabled = backfiller.enabled
         self.metrics.backfill_enabled.set(1 if self.health.backfill_enabled else 0)
         client = getattr(self, "client", None)
         valid = client.token_valid if client is not None else True

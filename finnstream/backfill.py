@@ -30,6 +30,7 @@ SETTLE_S = 2 * MINUTE_S  # a minute's candle is final a little after the minute 
 MAX_MINUTES_PER_REQUEST = 24 * 60  # one candle request covers at most a day of minutes
 REQUEST_BUDGET_S = 30.0
 NO_CANDLES_REASON = "candles are not available on this Finnhub plan (403)"
+TURNED_OFF_REASON = "backfill is turned off (backfill.enabled: false)"
 
 
 @dataclass
@@ -70,6 +71,7 @@ class Backfiller:
         self._metrics = metrics
         self._clock = clock
         self.enabled = cfg.enabled
+        self.off_reason = "" if cfg.enabled else TURNED_OFF_REASON
         self.passes = 0  # completed passes over the ledger
         self._passed = asyncio.Condition()
         self._on_spool = on_spool
@@ -77,6 +79,7 @@ class Backfiller:
     def disable(self, why: str) -> None:
         if self.enabled:
             self.enabled = False
+            self.off_reason = NO_CANDLES_REASON
             self._metrics.backfill_enabled.set(0)
             log.error(
                 "backfill.disabled",
@@ -132,7 +135,7 @@ class Backfiller:
             exhausted = [g for g in gaps if (g.symbol, g.minute) not in done]
         now = self._clock.time()
         for gap in exhausted:
-            reason = gap.reason if self.enabled else f"{gap.reason}; {NO_CANDLES_REASON}"
+            reason = gap.reason if self.enabled else f"{gap.reason}; {self.off_reason}"
             records.append(gap_record(gap.symbol, gap.minute, reason, now))
         report.gaps = len(exhausted)
         await self._publish(records, report)

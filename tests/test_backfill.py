@@ -157,3 +157,26 @@ async def test_a_slot_without_candles_becomes_a_gap_record_after_max_attempts(
         assert app.ledger.count() == 0
     by_source = {(r["symbol"], r["source"]) for r in aws.records()}
     assert by_source == {("AAPL", "candle"), ("THIN", "gap")}
+
+
+async def test_backfill_turned_off_publishes_gap_records_and_says_why(
+    make_config: ConfigFactory, aws: Aws, sim: Simulator, tmp_path: Path
+) -> None:
+    clock = ShiftedClock()
+    slot = minute_slot(clock.time()) - 600
+    with GapLedger(tmp_path / "spool") as ledger:
+        ledger.add([("AAPL", slot)], "quote failed")
+    path = make_config(["AAPL"], backfill={"enabled": False})
+    async with new_app(path, aws, clock) as app:
+        cycled = asyncio.Event()
+        app.cycle_listeners.append(lambda _: cycled.set())
+        daemon = asyncio.create_task(app.run_forever())
+        await asyncio.wait_for(app.backfiller.wait_passes(1), 30)
+        await asyncio.wait_for(cycled.wait(), 30)  # the catch-up cycle, so it leaves no gap
+        app.request_stop()
+        assert await asyncio.wait_for(daemon, 10) == 0
+        assert app.ledger.count() == 0
+        assert app.health.check(app.clock.monotonic())[1]["backfill_enabled"] is False
+    (gap,) = [r for r in aws.records() if r["source"] == "gap"]
+    assert gap["minute"] == slot and "backfill.enabled: false" in gap["reason"]
+    assert sim.stats.candle_requests == 0
