@@ -266,7 +266,7 @@ class App:
         self._spawn(self._stop_watcher(), "stop-watcher")
         now = self.clock.time()
         minute = minute_slot(now)
-        self._ledger_downtime(minute)
+        await asyncio.to_thread(self._ledger_downtime, minute)
         spool_empty = await self.drain_spool(max_batches=None)
         is_open = self._is_open_fn()
         if is_open is not None and not is_open(minute):
@@ -289,7 +289,7 @@ class App:
         self._spawn(self._stop_watcher(), "stop-watcher")
         now = self.clock.time()
         current = minute_slot(now)
-        self._ledger_downtime(current)
+        await asyncio.to_thread(self._ledger_downtime, current)
         self.ticker.start()
         if (
             cron_matches(self.ticker.trigger, current)
@@ -305,7 +305,9 @@ class App:
                 break
             if self.ticker.pending():
                 # A newer slot is already due: a late quote would be the wrong minute's price.
-                self._skip(tick.minute, "a newer minute was due before this cycle could start")
+                await asyncio.to_thread(
+                    self._skip, tick.minute, "a newer minute was due before this cycle could start"
+                )
                 continue
             await self.run_cycle(
                 tick.minute,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import gc
 import os
 import signal
 import sys
@@ -150,6 +151,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         app = App(cfg)
         register(app.request_stop)
         async with app:
+            # Start-up objects live as long as the process: keep the collector from rescanning
+            # them on every full collection (measured: 5-8% of CPU per cycle).
+            gc.collect()
+            gc.freeze()
             return await (app.run_once() if args.once else app.run_forever())
 
     return _with_signals(go)  # type: ignore[arg-type]

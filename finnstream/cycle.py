@@ -53,6 +53,7 @@ class QuoteCycle:
         self._metrics = metrics
         self._clock = clock
         self._known_unknown: set[str] = set()
+        self._ok = metrics.quotes.labels(outcome="ok")  # looked up once: this is per quote
 
     async def run(
         self, minute: int, symbols: Sequence[str], publisher: Publisher, tick_mono: float
@@ -118,6 +119,6 @@ class QuoteCycle:
             outcome.failed[symbol] = f"malformed answer: {exc}"
             log.warning("quote.bad_answer", symbol=symbol, minute=minute, error=str(exc))
             return
-        self._metrics.quotes.labels(outcome="ok").inc()
+        self._ok.inc()
         publisher.add(record)
         outcome.published += 1

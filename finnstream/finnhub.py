@@ -24,7 +24,7 @@ from finnstream.limiter import Priority, RateLimiter
 log = structlog.get_logger("finnstream.finnhub")
 
 TOKEN_HEADER = "X-Finnhub-Token"
-MAX_CONNECTIONS = 100  # concurrent sockets to Finnhub; the limiter, not this, sets the pace
+MAX_CONNECTIONS = 250  # concurrent sockets to Finnhub; the limiter, not this, sets the pace
 REFRESH_EVERY_S = 60.0  # re-read a rotated secret at most once a minute
 RETRY_WAIT_INITIAL_S = 0.1
 RETRY_WAIT_MAX_S = 2.0
@@ -156,6 +156,12 @@ class FinnhubClient:
                 return min(exc.retry_after, remaining)
             return True
 
+        try:  # the first attempt skips the retry machinery: most requests need nothing more
+            return await self._get_refreshing(path, params, None, priority, refresh=refresh)
+        except FinnhubError as exc:
+            if backoff(exc) is False:
+                raise
+            first = exc
         timeout = max(0.001, deadline - self._clock.monotonic())
         async for attempt in stamina.retry_context(
             on=backoff,
@@ -165,14 +171,27 @@ class FinnhubClient:
             wait_max=RETRY_WAIT_MAX_S,
         ):
             with attempt:
-                first = attempt.num == 1
-                try:
-                    return await self._get(path, params, None if first else deadline, priority)
-                except FinnhubError as exc:
-                    if exc.status == 401 and refresh and await self._try_refresh():
-                        return await self._get(path, params, None, priority)
-                    raise
+                if attempt.num == 1:
+                    raise first  # stamina counts it and waits as for any failed attempt
+                return await self._get_refreshing(path, params, deadline, priority, refresh=refresh)
         raise AssertionError("unreachable: stamina re-raises the last error")  # pragma: no cover
+
+    async def _get_refreshing(
+        self,
+        path: str,
+        params: dict[str, str],
+        deadline: float | None,
+        priority: Priority,
+        *,
+        refresh: bool,
+    ) -> Any:
+        """`_get`, re-reading a rotated secret once on 401 (the retry gets a full timeout)."""
+        try:
+            return await self._get(path, params, deadline, priority)
+        except FinnhubError as exc:
+            if exc.status == 401 and refresh and await self._try_refresh():
+                return await self._get(path, params, None, priority)
+            raise
 
     async def _get(
         self, path: str, params: dict[str, str], deadline: float | None, priority: Priority

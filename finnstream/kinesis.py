@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -176,9 +177,9 @@ class KinesisSink:
         failed, codes = pick_failed(records, answer)
         self._metrics.put_calls.labels(result="partial" if failed else "ok").inc()
         failed_ids = {id(r) for r in failed}
-        for record in records:
-            if id(record) not in failed_ids:
-                self._metrics.records_delivered.labels(source=record.source).inc()
+        delivered = Counter(r.source for r in records if id(r) not in failed_ids)
+        for source, n in delivered.items():
+            self._metrics.records_delivered.labels(source=source).inc(n)
         for code, n in codes.items():
             self._metrics.records_retried.labels(error=code).inc(n)
         if failed:

@@ -22,6 +22,7 @@ from finnstream.errors import FinnstreamError
 
 SECOND_GUARD = 1.02  # pace as if a second were 2% longer: room for jitter on the way to Finnhub
 MINUTE_GUARD_S = 0.2  # a start leaves the minute window 0.2 s after Finnhub would let it go
+OVERSHOOT_S = 0.005  # a wake-up this late is timer jitter (kept on the planned pace), not a stall
 
 
 def effective_rates(per_second: int, per_minute: int) -> tuple[float, int]:
@@ -64,6 +65,8 @@ class RateLimiter:
 
     def _earliest(self, now: float) -> float:
         start = max(now, self._next_free)
+        while self._window and self._window[0] + 60.0 + MINUTE_GUARD_S <= now:
+            self._window.popleft()  # too old to hold anything back: memory follows traffic
         if len(self._window) == self._per_minute:
             start = max(start, self._window[0] + 60.0 + MINUTE_GUARD_S)
         return start
@@ -100,7 +103,8 @@ class RateLimiter:
             start = self._earliest(now)
             if start > now:
                 await self._sleep_unless_closed(start - now)
-            self._record(max(start, self._clock.monotonic()))
+            went = self._clock.monotonic()
+            self._record(start if went - start <= OVERSHOOT_S else went)
         return self._clock.monotonic() - asked
 
     async def _sleep_unless_closed(self, seconds: float) -> None:
