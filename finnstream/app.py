@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -398,18 +399,10 @@ class App:
         )
         for listener in self.cycle_listeners:
             listener(report)
-        log.info(
-            "cycle.done",
-            minute=minute,
-            symbols=len(self.symbols),
-            published=outcome.published,
-            delivered=outcome.published - len(undelivered),
-            spooled=len(undelivered),
-            failed=len(outcome.failed),
-            unknown=len(outcome.unknown),
-            lag_ms=round(outcome.lag_s * 1000, 1),
-            took_s=round(took, 3),
-        )
+        fields = dataclasses.asdict(report)
+        lag_s, took_s = fields.pop("lag_s"), fields.pop("took_s")
+        fields.pop("on_time")
+        log.info("cycle.done", **fields, lag_ms=round(lag_s * 1000, 1), took_s=round(took_s, 3))
         return undelivered
 
     async def _finish(self, publisher: Publisher) -> list[Record]:
