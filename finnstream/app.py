@@ -21,7 +21,13 @@ from aiobotocore.session import AioSession
 
 from finnstream.backfill import Backfiller
 from finnstream.clock import SYSTEM_CLOCK, Clock, minute_slot, unless
-from finnstream.config import Config, aws_region, minute_capacity, shard_symbols
+from finnstream.config import (
+    Config,
+    aws_endpoint,
+    aws_region,
+    minute_capacity,
+    shard_symbols,
+)
 from finnstream.cycle import CycleOutcome, QuoteCycle
 from finnstream.errors import EXIT_OK, EXIT_UNDELIVERED, ConfigError
 from finnstream.finnhub import FinnhubClient
@@ -162,10 +168,7 @@ class App:
         )
 
     def _endpoint(self, service: str) -> str | None:
-        if service == "kinesis" and self.cfg.kinesis.endpoint_url:
-            return self.cfg.kinesis.endpoint_url
-        key = f"AWS_ENDPOINT_URL_{service.upper().replace('SECRETSMANAGER', 'SECRETS_MANAGER')}"
-        return self.environ.get(key) or self.environ.get("AWS_ENDPOINT_URL") or None
+        return aws_endpoint(self.cfg, service, self.environ)
 
     def _open_spool(self) -> Spool:
         try:

@@ -271,3 +271,17 @@ def aws_region(cfg: Config, environ: Mapping[str, str]) -> str | None:
     return (
         cfg.kinesis.region or environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION") or None
     )
+
+
+ENDPOINT_ENV = {
+    "kinesis": "AWS_ENDPOINT_URL_KINESIS",
+    "secretsmanager": "AWS_ENDPOINT_URL_SECRETS_MANAGER",
+}
+
+
+def aws_endpoint(cfg: Config, service: str, environ: Mapping[str, str]) -> str | None:
+    """`kinesis.endpoint_url` for Kinesis, else the service's AWS_ENDPOINT_URL_<SERVICE>, else
+    AWS_ENDPOINT_URL, else None (the AWS default)."""
+    if service == "kinesis" and cfg.kinesis.endpoint_url:
+        return cfg.kinesis.endpoint_url
+    return environ.get(ENDPOINT_ENV[service]) or environ.get("AWS_ENDPOINT_URL") or None

@@ -209,7 +209,6 @@ class Publisher:
         self._sends: set[asyncio.Task[None]] = set()
         self._undelivered: list[Record] = []
         self._lingerer: asyncio.Task[None] | None = None
-        self.rejected: list[Record] = []
 
     def add(self, record: Record) -> None:
         try:
@@ -218,7 +217,6 @@ class Publisher:
             log.error(
                 "kinesis.record_refused", symbol=record.symbol, minute=record.minute, error=str(exc)
             )
-            self.rejected.append(record)
             return
         if batch is not None:
             self._send(batch)

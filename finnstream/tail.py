@@ -12,21 +12,12 @@ import structlog
 from aiobotocore.session import AioSession
 from botocore.exceptions import BotoCoreError, ClientError
 
-from finnstream.config import Config, aws_region
+from finnstream.config import Config, aws_endpoint, aws_region
 from finnstream.errors import StreamMissing
 
 log = structlog.get_logger("finnstream.tail")
 
 POLL_S = 1.0  # GetRecords allows 5 calls per second per shard
-
-
-def kinesis_endpoint(cfg: Config) -> str | None:
-    return (
-        cfg.kinesis.endpoint_url
-        or os.environ.get("AWS_ENDPOINT_URL_KINESIS")
-        or os.environ.get("AWS_ENDPOINT_URL")
-        or None
-    )
 
 
 async def _shard_ids(client: Any, stream: str) -> list[str]:
@@ -56,7 +47,9 @@ async def tail(
     session = session or AioSession()
     printed = 0
     async with session.create_client(
-        "kinesis", region_name=aws_region(cfg, os.environ), endpoint_url=kinesis_endpoint(cfg)
+        "kinesis",
+        region_name=aws_region(cfg, os.environ),
+        endpoint_url=aws_endpoint(cfg, "kinesis", os.environ),
     ) as client:
         try:
             shard_ids = await _shard_ids(client, stream)
