@@ -1,10 +1,15 @@
 """The one owner of the lifecycle: starts the parts in order, runs cycles, stops cleanly.
 
-Start: spool and ledger, health, token, limiter and Finnhub client, Kinesis (stream checked),
-token check. Run: the ticker queues minute slots; each cycle publishes its records while the
-spool drains beside it; backfill works through the gap ledger in the background. Stop (SIGTERM):
-no new request starts, answers in hand are published until a grace deadline, whatever is left is
-spooled, then everything closes in reverse order.
+Start: health endpoint, token and Kinesis (checked before anything waits, so a broken setup
+says so at once), the spool lock (a second process on the same `spool.dir` waits here as a
+standby: alive, not ready, polling nothing), then spool, ledger and the slot keeper, and one
+token check against Finnhub. Run: the ticker queues minute slots; each cycle publishes its
+records and hands what is left to the slot keeper; the drainer and the backfiller work beside
+it. Stop (SIGTERM): no new request starts, answers in hand are published until a grace
+deadline, whatever is left is settled (spooled or ledgered), everything closes in reverse order
+and the lock is released.
+
+App orchestrates: which slot ends where is `SlotKeeper`'s decision (finnstream/slots.py).
 """
 
 from __future__ import annotations
@@ -13,45 +18,41 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 from aiobotocore.session import AioSession
 
 from finnstream.backfill import Backfiller
 from finnstream.clock import SYSTEM_CLOCK, Clock, minute_slot, unless
-from finnstream.config import (
-    Config,
-    aws_endpoint,
-    aws_region,
-    minute_capacity,
-    shard_symbols,
-)
-from finnstream.cycle import CycleOutcome, QuoteCycle
-from finnstream.errors import EXIT_OK, EXIT_UNDELIVERED, ConfigError
+from finnstream.config import Config, aws_endpoint, aws_region, minute_capacity, shard_symbols
+from finnstream.cycle import QuoteCycle
+from finnstream.drain import SpoolDrainer
+from finnstream.errors import EXIT_OK, EXIT_UNDELIVERED, ConfigError, SpoolLocked
 from finnstream.finnhub import FinnhubClient
 from finnstream.health import HealthServer, HealthState
 from finnstream.kinesis import KinesisSink, Publisher
-from finnstream.ledger import GapLedger
+from finnstream.ledger import GapLedger, LedgerError
 from finnstream.limiter import RateLimiter
+from finnstream.lock import SpoolLock
 from finnstream.metrics import Metrics
 from finnstream.records import Record
-from finnstream.schedule import (
-    MAX_LOOKBACK_S,
-    Tick,
-    Ticker,
-    cron_matches,
-    fire_times,
-    parse_cron,
-)
+from finnstream.schedule import Tick, Ticker
 from finnstream.secret import fetch_secret_token, load_token
-from finnstream.spool import Spool, SpoolBatch
+from finnstream.slots import Expected, Settlement, SlotKeeper
+from finnstream.spool import Spool
 
 log = structlog.get_logger("finnstream.app")
 
 STOP_PUBLISH_GRACE_S = 20.0  # after SIGTERM, sends may go on this long; ECS waits 30 s
-DRAIN_BATCHES_PER_CYCLE = 20  # spool backlog sent beside each cycle (10,000 records)
+STOP_EXIT_DEADLINE_S = 28.0  # the process exits by then whatever is stuck (a hung disk)
+PUBLISH_WINDOW_S = 50.0  # a cycle's records may be retried until this far into its minute
+RUN_ONCE_LOCK_WAIT_S = 30.0  # `run --once` waits this long for another process's lock
+LAG_PROBE_S = 0.1
+SKIPPED_REASON = "a newer minute was due before this cycle could start"
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,16 @@ class CycleReport:
     failed: int
     unknown: int
     lag_s: float
-    took_s: float
+    took_s: float  # from the cycle's own start to its records settled
     on_time: bool  # started by its tick (not a catch-up for the minute already under way)
+
+
+@dataclass(frozen=True)
+class Deps:
+    """What a simulation swaps in; None means the real thing."""
+
+    finnhub_transport: Any = None  # see FinnhubClient(transport=...)
+    kinesis_client: Any = None  # an open client with put_records / describe_stream_summary
 
 
 class App:
@@ -76,21 +85,29 @@ class App:
         clock: Clock = SYSTEM_CLOCK,
         environ: Mapping[str, str] | None = None,
         session: AioSession | None = None,
+        deps: Deps | None = None,
+        exit_watchdog: bool = False,
+        lock_wait_s: float | None = None,
     ) -> None:
         self.cfg = cfg
         self.clock = clock
         self.environ = os.environ if environ is None else environ
         self.session = session or AioSession()
+        self.deps = deps or Deps()
+        self.exit_watchdog = exit_watchdog
+        self.lock_wait_s = lock_wait_s  # None: a standby waits until it is stopped
         self.metrics = Metrics()
         self.symbols = shard_symbols(cfg)
         self.region = aws_region(cfg, self.environ)
         self.health = HealthState(
             started_mono=clock.monotonic(), backfill_enabled=cfg.backfill.enabled
         )
+        self.lock = SpoolLock(cfg.spool.dir)
+        self.active = False
         self.stopping = asyncio.Event()
         self._hard_stop = asyncio.Event()
         self._stack = contextlib.AsyncExitStack()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], None] = {}  # ordered: cancelled in start order
         self._market_open: Callable[[int], bool] | None = None
         self.ticker: Ticker | None = None
         self.cycle_listeners: list[Callable[[CycleReport], None]] = []
@@ -99,6 +116,8 @@ class App:
     # ---- start -------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Start every part. Waits for the spool lock (standby) up to `lock_wait_s` (None:
+        until stopped); raises `SpoolLocked` when the wait runs out."""
         cfg = self.cfg
         if not self.symbols:
             raise ConfigError(
@@ -106,10 +125,6 @@ class App:
                 f"{len(cfg.symbols)} symbols: use fewer shards"
             )
         self._warn_if_over_capacity()
-        self.spool = await asyncio.to_thread(self._open_spool)
-        self.ledger = await asyncio.to_thread(self._open_ledger)
-        self._stack.callback(self.ledger.close)
-        self._update_gauges()
         if cfg.health.port:
             self.health_server = HealthServer(self.health, self.metrics, self.clock.monotonic)
             await self.health_server.start(cfg.health.host, cfg.health.port)
@@ -121,10 +136,24 @@ class App:
             endpoint_url=self._endpoint("secretsmanager"),
             environ=self.environ,
         )
+        self.sink = KinesisSink(
+            cfg.kinesis.model_copy(
+                update={"endpoint_url": self._endpoint("kinesis"), "region": self.region}
+            ),
+            self.session,
+            self.metrics,
+            clock=self.clock,
+            client=self.deps.kinesis_client,
+        )
+        await self.sink.start()
+        self._stack.push_async_callback(self.sink.close)
         self.limiter = RateLimiter(
             cfg.finnhub.requests_per_second, cfg.finnhub.requests_per_minute, self.clock
         )
         refresh = None if token.source.startswith("env:") else self._reread_token
+        transport = (
+            {"transport": self.deps.finnhub_transport} if self.deps.finnhub_transport else {}
+        )
         self.client = FinnhubClient(
             cfg.finnhub.base_url,
             token.value,
@@ -133,54 +162,78 @@ class App:
             retries=cfg.finnhub.retries,
             clock=self.clock,
             refresh_token=refresh,
+            **transport,
         )
         self.client.open()
         self._stack.push_async_callback(self.client.close)
-        self.sink = KinesisSink(
-            cfg.kinesis.model_copy(
-                update={"endpoint_url": self._endpoint("kinesis"), "region": self.region}
-            ),
-            self.session,
-            self.metrics,
-            clock=self.clock,
-        )
-        await self.sink.start()
-        self._stack.push_async_callback(self.sink.close)
+        if not await self._take_lock(self.lock_wait_s):
+            return  # stopped while standing by
+        self._stack.callback(self.lock.release)  # after the ledger and spool are closed
+        await asyncio.to_thread(self._open_state)
+        self._stack.callback(self.keeper.ledger.close)
         await self.client.check_token(self.symbols[0])
         self.cycle = QuoteCycle(self.client, self.limiter, self.metrics, self.clock)
         self.backfiller = Backfiller(
-            self.client,
-            self.ledger,
-            self.sink,
-            cfg.backfill,
-            self.metrics,
-            self.clock,
-            on_spool=self.spool_records,
+            self.client, self.keeper, self.sink, cfg.backfill, self.metrics, self.clock
         )
+        self.drainer = SpoolDrainer(self.keeper.spool, self.sink, self.clock, self.metrics)
+        self.active = True
+        self.health.standby = None
         self.health.ready = True
+        self.metrics.active.set(1)
+        self._update_gauges()
         log.info(
             "app.ready",
             symbols=len(self.symbols),
             shard=f"{cfg.shard.index}/{cfg.shard.count}",
             stream=cfg.kinesis.stream_name,
-            spool_records=self.spool.depth_records,
-            gaps_open=self.ledger.count(),
+            spool_records=self.keeper.spool.depth_records,
+            gaps_open=self.keeper.ledger.count(),
+            accounted_through=self.keeper.watermark,
         )
 
-    def _endpoint(self, service: str) -> str | None:
-        return aws_endpoint(self.cfg, service, self.environ)
+    async def _take_lock(self, wait_s: float | None) -> bool:
+        if await asyncio.to_thread(self.lock.try_acquire):
+            return True
+        holder = self.lock.holder()
+        reason = f"standby: {holder} holds the spool lock on {self.cfg.spool.dir}"
+        self.health.standby = reason
+        self.metrics.active.set(0)
+        log.warning("lock.standby", dir=str(self.cfg.spool.dir), holder=holder)
+        waited = self.clock.monotonic()
+        if await self.lock.acquire(self.clock, self.stopping, wait_s):
+            log.warning("lock.taken_over", waited_s=round(self.clock.monotonic() - waited, 2))
+            return True
+        if self.stopping.is_set():
+            return False
+        raise SpoolLocked(
+            f"another finnstream process ({holder}) holds the spool directory "
+            f"{self.cfg.spool.dir}, and it was not released within {wait_s:.0f} s: only one "
+            "process may poll per spool.dir (stop it, or give this run its own spool.dir)"
+        )
 
-    def _open_spool(self) -> Spool:
+    def _open_state(self) -> None:
         try:
-            return Spool(self.cfg.spool.dir, self.cfg.spool.max_bytes)
+            spool = Spool(self.cfg.spool.dir, self.cfg.spool.max_bytes)
         except OSError as exc:
             raise ConfigError(
                 f"spool.dir {self.cfg.spool.dir} is not usable: {exc.strerror or exc}: "
                 "point it at a writable directory"
             ) from None
+        ledger = GapLedger(self.cfg.spool.dir)
+        expected = Expected(self.cfg.schedule.cron, self._is_open_fn())
+        self.keeper = SlotKeeper(spool, ledger, self.symbols, expected, self.metrics)
 
-    def _open_ledger(self) -> GapLedger:
-        return GapLedger(self.cfg.spool.dir)
+    @property
+    def spool(self) -> Spool:
+        return self.keeper.spool
+
+    @property
+    def ledger(self) -> GapLedger:
+        return self.keeper.ledger
+
+    def _endpoint(self, service: str) -> str | None:
+        return aws_endpoint(self.cfg, service, self.environ)
 
     def _warn_if_over_capacity(self) -> None:
         capacity = minute_capacity(self.cfg.finnhub)
@@ -189,8 +242,8 @@ class App:
                 "config.over_capacity",
                 symbols=len(self.symbols),
                 per_minute=capacity,
-                cycle_s=round(len(self.symbols) / capacity * 60, 1),
-                hint="a cycle will overrun its minute: raise the plan's limits or shard",
+                hint="symbols the pace cannot reach within their minute become gaps: raise the "
+                "plan's limits or shard",
             )
 
     def _is_open_fn(self) -> Callable[[int], bool] | None:
@@ -219,6 +272,8 @@ class App:
     async def _stop_watcher(self) -> None:
         await self.stopping.wait()
         log.info("app.stopping", grace_s=STOP_PUBLISH_GRACE_S)
+        if self.exit_watchdog:
+            _start_exit_watchdog(STOP_EXIT_DEADLINE_S)
         if hasattr(self, "limiter"):
             self.limiter.close()
         if self.ticker is not None:
@@ -227,7 +282,7 @@ class App:
         self._hard_stop.set()
 
     async def close(self) -> None:
-        """Idempotent: cancels background work, closes parts in reverse order."""
+        """Idempotent: cancels background work, settles what is held, closes in reverse order."""
         self.stopping.set()
         for task in list(self._tasks):
             task.cancel()
@@ -235,6 +290,10 @@ class App:
         self._tasks.clear()
         if self.ticker is not None:
             self.ticker.stop()
+        if self.active:
+            await asyncio.shield(asyncio.to_thread(self.keeper.flush))
+            self.active = False
+            self.metrics.active.set(0)
         await self._stack.aclose()
 
     async def __aenter__(self) -> App:
@@ -250,12 +309,12 @@ class App:
 
     def _spawn(self, coro: object, name: str) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
-        self._tasks.add(task)
+        self._tasks[task] = None
         task.add_done_callback(self._supervise)
         return task
 
     def _supervise(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
+        self._tasks.pop(task, None)
         if task.cancelled():
             return
         if (exc := task.exception()) is not None:
@@ -263,131 +322,111 @@ class App:
             self.health.problems.append(f"{task.get_name()} crashed: {exc!r}")
             self.request_stop()
 
+    async def _watch_loop_lag(self) -> None:
+        """How late a short sleep wakes: the longest event-loop stall, as a gauge."""
+        worst = 0.0
+        while True:
+            before = self.clock.monotonic()
+            await self.clock.sleep(LAG_PROBE_S)
+            lag = self.clock.monotonic() - before - LAG_PROBE_S
+            if lag > worst:
+                worst = lag
+                self.metrics.loop_lag.set(worst)
+
     # ---- run ---------------------------------------------------------------------------------
 
     async def run_once(self) -> int:
-        """Drain the spool, one cycle for the current slot, flush; 0 only if all was delivered."""
+        """Drain the spool beside one cycle for the current slot, flush; 0 only if everything
+        was delivered (what was not is in the spool or the ledger)."""
+        if not self.active:
+            return EXIT_UNDELIVERED
         self._spawn(self._stop_watcher(), "stop-watcher")
-        now = self.clock.time()
-        minute = minute_slot(now)
-        await asyncio.to_thread(self._ledger_downtime, minute)
-        spool_empty = await self.drain_spool(max_batches=None)
+        minute = minute_slot(self.clock.time())
+        await self._account_downtime(minute)
+        draining = asyncio.ensure_future(self.drainer.drain_all(self.stopping))
         is_open = self._is_open_fn()
         if is_open is not None and not is_open(minute):
             log.info("cycle.market_closed", minute=minute)
-            return EXIT_OK if spool_empty else EXIT_UNDELIVERED
-        undelivered = await self.run_cycle(
-            minute, self.clock.monotonic() - (now - minute), drain=False, lag=False
-        )
-        spool_empty = spool_empty and self.spool.depth_records == 0
-        complete = not undelivered and spool_empty and not self.stopping.is_set()
+        else:
+            await self.run_cycle(minute, observe_lag=False)
+        await draining
+        spool_empty = await self.drainer.drain_all(self.stopping)
+        durable = await asyncio.to_thread(self.keeper.flush)
+        self._update_gauges()
+        complete = spool_empty and durable and not self.stopping.is_set()
         return EXIT_OK if complete else EXIT_UNDELIVERED
 
     async def run_forever(self) -> int:
         """The daemon: a cycle per tick until `request_stop`."""
+        if not self.active:
+            log.info("app.stopped", standby=True)
+            return EXIT_OK
+        self._spawn(self._stop_watcher(), "stop-watcher")
         self.ticker = Ticker(self.cfg.schedule.cron, clock=self.clock, is_open=self._is_open_fn())
         ticker = self.ticker
         self.health.scheduler_alive = lambda: ticker.alive
         self.health.scheduler_overdue = lambda: ticker.overdue(self.clock.time())
         self.health.ticks_waiting = ticker.pending
-        self._spawn(self._stop_watcher(), "stop-watcher")
-        now = self.clock.time()
-        current = minute_slot(now)
-        await asyncio.to_thread(self._ledger_downtime, current)
-        self.ticker.start()
-        if (
-            cron_matches(self.ticker.trigger, current)
-            and self.ledger.last_completed_slot() != current
-        ):
-            # Catch up on the minute we started in (a restart or deploy leaves no gap).
-            self.ticker.fire(now, self.clock.monotonic(), catch_up=True)
+        ticker.start()  # first: no fire can fall between reading the clock and starting it
+        current = minute_slot(self.clock.time())
+        if await self._account_downtime(current):
+            # The minute under way, if nobody completed it (a restart, a deploy, a takeover).
+            ticker.fire(self.clock.time(), self.clock.monotonic(), catch_up=True)
+        self._spawn(self.drainer.run(self.stopping), "spool-drainer")
         # Turned off, the loop still publishes the ledger's slots as `gap` records.
         self._spawn(self.backfiller.loop(self.stopping), "backfill")
+        self._spawn(self._watch_loop_lag(), "loop-lag")
         while not self.stopping.is_set():
             tick = await self._next_tick()
             if tick is None:
                 break
-            if self.ticker.pending():
+            if ticker.pending():
                 # A newer slot is already due: a late quote would be the wrong minute's price.
-                await asyncio.to_thread(
-                    self._skip, tick.minute, "a newer minute was due before this cycle could start"
+                await asyncio.shield(
+                    asyncio.to_thread(self.keeper.skip, tick.minute, SKIPPED_REASON)
                 )
                 continue
-            await self.run_cycle(
-                tick.minute,
-                tick.fired_mono - (tick.fired_wall - tick.minute),
-                lag=not tick.catch_up,
-            )
+            await self.run_cycle(tick.minute, observe_lag=not tick.catch_up)
         log.info(
-            "app.stopped", spool_records=self.spool.depth_records, problems=self.health.problems
+            "app.stopped",
+            spool_records=self.keeper.spool.depth_records,
+            held_records=self.keeper.held_records,
+            problems=self.health.problems,
         )
         return EXIT_UNDELIVERED if self.health.problems else EXIT_OK
+
+    async def _account_downtime(self, current: int) -> bool:
+        """Minutes since the watermark go into the ledger; True if `current` needs a cycle."""
+        try:
+            return await asyncio.to_thread(self.keeper.account_downtime, current)
+        except LedgerError as exc:
+            # The first settle that works accounts for them (the watermark has not moved).
+            log.error("ledger.downtime_not_recorded", error=str(exc))
+            return True
 
     async def _next_tick(self) -> Tick | None:
         assert self.ticker is not None
         _, tick = await unless(self.stopping, self.ticker.next_tick())
         return tick
 
-    def _skip(self, minute: int, reason: str) -> None:
-        self.metrics.skipped_slots.labels(reason="late").inc()
-        self.ledger.add([(s, minute) for s in self.symbols], reason)
-        log.warning("cycle.skipped", minute=minute, reason=reason, symbols=len(self.symbols))
-        self._update_gauges()
-
-    def _ledger_downtime(self, current: int) -> None:
-        """Slots no finnstream completed before `current` become gaps: a cycle cut short by a
-        crash (SIGKILL), and every scheduled slot between the last completed one and now."""
-        last = self.ledger.last_completed_slot()
-        started = self.ledger.last_started_slot()
-        if started is not None and (last is None or started > last) and started < current:
-            added = self.ledger.add([(s, started) for s in self.symbols], "cycle was interrupted")
-            log.warning("ledger.interrupted_cycle", minute=started, gaps_added=added)
-        if last is not None and last < current - 60:
-            self._ledger_not_running(last, current)
-        self._update_gauges()
-
-    def _ledger_not_running(self, last: int, current: int) -> None:
-        start = max(last + 60, current - MAX_LOOKBACK_S)
-        slots = fire_times(parse_cron(self.cfg.schedule.cron), start, current)
-        is_open = self._is_open_fn()
-        if is_open is not None:
-            slots = [m for m in slots if is_open(m)]
-        if slots:
-            added = self.ledger.add(
-                [(s, m) for m in slots for s in self.symbols], "finnstream was not running"
-            )
-            log.warning(
-                "ledger.downtime",
-                first=slots[0],
-                last=slots[-1],
-                slots=len(slots),
-                gaps_added=added,
-            )
-
-    async def run_cycle(
-        self, minute: int, tick_mono: float, *, drain: bool = True, lag: bool = True
-    ) -> list[Record]:
-        """One cycle for `minute`; returns the records that ended in the spool."""
-        self.health.last_cycle_mono = self.clock.monotonic()
+    async def run_cycle(self, minute: int, *, observe_lag: bool = True) -> CycleReport:
+        """One cycle for `minute`: quotes fetched and published, the rest settled."""
+        started = self.clock.monotonic()
+        minute_mono = started - (self.clock.time() - minute)
+        self.health.last_cycle_mono = started
         self.metrics.last_cycle.set(minute)
-        # Recorded beside the cycle, not before it: the first request must not wait on an fsync.
-        started = asyncio.ensure_future(
-            asyncio.to_thread(self.ledger.set_last_started_slot, minute)
-        )
-        publisher = Publisher(self.sink, self.clock)
-        drainer = (
-            asyncio.ensure_future(self.drain_spool(DRAIN_BATCHES_PER_CYCLE)) if drain else None
-        )
-        outcome = await self.cycle.run(minute, self.symbols, publisher, tick_mono)
-        if lag:
+        publisher = Publisher(self.sink, self.clock, deadline=minute_mono + PUBLISH_WINDOW_S)
+        outcome = await self.cycle.run(minute, self.symbols, publisher, minute_mono)
+        if observe_lag:
             self.metrics.schedule_lag.observe(max(0.0, outcome.lag_s))
         undelivered = await self._finish(publisher)
-        if drainer is not None:
-            await drainer
-        await started
-        took = self.clock.monotonic() - tick_mono
+        settlement = Settlement(minute, list(undelivered), dict(outcome.failed))
+        await asyncio.shield(asyncio.to_thread(self.keeper.settle, settlement))
+        if undelivered:
+            self.drainer.wake()
+        took = self.clock.monotonic() - started
         self.metrics.cycle_seconds.observe(took)
-        await asyncio.shield(asyncio.to_thread(self._settle, outcome, undelivered))
+        self._update_gauges()
         report = CycleReport(
             minute=minute,
             symbols=len(self.symbols),
@@ -398,7 +437,7 @@ class App:
             unknown=len(outcome.unknown),
             lag_s=outcome.lag_s,
             took_s=took,
-            on_time=lag,
+            on_time=observe_lag,
         )
         for listener in self.cycle_listeners:
             listener(report)
@@ -406,64 +445,22 @@ class App:
         lag_s, took_s = fields.pop("lag_s"), fields.pop("took_s")
         fields.pop("on_time")
         log.info("cycle.done", **fields, lag_ms=round(lag_s * 1000, 1), took_s=round(took_s, 3))
-        return undelivered
+        return report
 
     async def _finish(self, publisher: Publisher) -> list[Record]:
         closed, undelivered = await unless(self._hard_stop, publisher.close())
         if closed and undelivered is not None:
             return undelivered
-        log.warning("app.stop_deadline", action="spooling records still being sent")
+        log.warning("app.stop_deadline", action="settling records still being sent")
         return await publisher.abort()
 
-    def _settle(self, outcome: CycleOutcome, undelivered: Sequence[Record]) -> None:
-        """Spool what was not delivered, ledger what could not be fetched, mark the slot done."""
-        self.spool_records(undelivered)
-        if outcome.published and self.ledger.count():
-            # A slot re-polled after a crash is filled now: it is no longer a gap.
-            failed = set(outcome.failed) | set(outcome.unknown)
-            self.ledger.resolve([(s, outcome.minute) for s in self.symbols if s not in failed])
-        if outcome.failed:
-            for symbol, reason in outcome.failed.items():
-                self.ledger.add([(symbol, outcome.minute)], reason)
-        self.ledger.set_last_completed_slot(outcome.minute)
-        self._update_gauges()
-
-    def spool_records(self, records: Sequence[Record]) -> None:
-        if not records:
-            return
-        result = self.spool.append(records)
-        self.metrics.records_spooled.inc(len(result.written))
-        if result.rejected:
-            self.metrics.spool_rejected.inc(len(result.rejected))
-            self.ledger.add(
-                [(r.symbol, r.minute) for r in result.rejected if r.source != "gap"], "spool full"
-            )
-        self.health.spool_full = self.spool.full
-
-    async def drain_spool(self, max_batches: int | None) -> bool:
-        """Send spooled records oldest first; True when the spool is empty afterwards."""
-        sent = 0
-        while self.spool.depth_records and (max_batches is None or sent < max_batches):
-            batch = await asyncio.to_thread(self._next_spool_batch)
-            if batch is None:
-                break
-            undelivered = await self.sink.put_batch(batch.records)
-            await asyncio.shield(asyncio.to_thread(self.spool.ack, batch, undelivered))
-            sent += 1
-            if undelivered:
-                break  # Kinesis is not taking records: try again next cycle
-        self._update_gauges()
-        if sent:
-            log.info("spool.drained", batches=sent, remaining=self.spool.depth_records)
-        return self.spool.depth_records == 0
-
-    def _next_spool_batch(self) -> SpoolBatch | None:
-        return next(iter(self.spool.batches()), None)
-
     def _update_gauges(self) -> None:
-        self.metrics.spool_depth.set(self.spool.depth_records)
-        self.metrics.spool_bytes.set(self.spool.depth_bytes)
-        self.metrics.gaps_open.set(self.ledger.count())
+        self.metrics.spool_depth.set(self.keeper.spool.depth_records)
+        self.metrics.spool_bytes.set(self.keeper.spool.depth_bytes)
+        self.metrics.gaps_open.set(self.keeper.ledger.count())
+        self.metrics.held_records.set(self.keeper.held_records)
+        self.health.spool_full = self.keeper.spool.full
+        self.health.held_records = self.keeper.held_records
         backfiller = getattr(self, "backfiller", None)
         if backfiller is not None:
             self.health.backfill_enabled = backfiller.enabled
@@ -477,8 +474,7 @@ class App:
 
     async def backfill_range(self, symbols: Sequence[str], start: int, end: int) -> int:
         """`finnstream backfill`: candle records for every minute slot in [start, end)."""
-        first = -(-start // 60) * 60
-        slots = list(range(first, end, 60))
+        slots = list(range(-(-start // 60) * 60, end, 60))
         is_open = self._is_open_fn()
         if is_open is not None:
             slots = [m for m in slots if is_open(m)]
@@ -486,13 +482,17 @@ class App:
             log.warning("backfill.nothing_to_do", start=start, end=end)
             return EXIT_OK
         total = published = missing = 0
-        undelivered_all: list[Record] = []
+        lost: list[Record] = []
+        spooled = 0
         for n, symbol in enumerate(symbols, 1):
             if self.stopping.is_set():
                 break
             records, absent = await self.backfiller.fetch_slots(symbol, slots)
             undelivered = await self.sink.put(records)
-            undelivered_all.extend(undelivered)
+            if undelivered:
+                refused = await asyncio.to_thread(self.keeper.spool_records, undelivered)
+                spooled += len(undelivered) - len(refused)
+                lost.extend(refused)
             total += len(slots)
             published += len(records) - len(undelivered)
             missing += len(absent)
@@ -504,14 +504,32 @@ class App:
                 missing=len(absent),
                 slots=len(slots),
             )
-        if undelivered_all:
-            await asyncio.to_thread(self.spool_records, undelivered_all)
+        if lost:
+            log.error(
+                "backfill.not_kept",
+                records=len(lost),
+                hint="Kinesis did not take them and the spool could not: run the command again",
+            )
         log.info(
             "backfill.finished",
             symbols=len(symbols),
             slots=total,
             delivered=published,
             missing=missing,
-            spooled=len(undelivered_all),
+            spooled=spooled,
         )
-        return EXIT_OK if not undelivered_all and not self.stopping.is_set() else EXIT_UNDELIVERED
+        complete = not spooled and not lost and not self.stopping.is_set()
+        return EXIT_OK if complete else EXIT_UNDELIVERED
+
+
+def _start_exit_watchdog(seconds: float) -> None:
+    """After a stop, the process ends within `seconds` even if a thread hangs (an NFS fsync that
+    never returns): what is not settled by then is after the watermark, so nothing is lost."""
+
+    def expire() -> None:
+        log.error("app.exit_deadline", seconds=seconds, effect="exiting now")
+        os._exit(EXIT_UNDELIVERED)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()

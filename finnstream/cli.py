@@ -143,12 +143,12 @@ def _with_signals(coro_fn: Callable[[Callable[[], None]], Awaitable[int]]) -> in
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from finnstream.app import App  # noqa: PLC0415 - keeps `check-config` and `--help` light
+    from finnstream.app import RUN_ONCE_LOCK_WAIT_S, App  # noqa: PLC0415 - keeps --help light
 
     cfg = _load(args)
 
     async def go(register: Callable[[Callable[[], None]], None]) -> int:
-        app = App(cfg)
+        app = App(cfg, exit_watchdog=True, lock_wait_s=RUN_ONCE_LOCK_WAIT_S if args.once else None)
         register(app.request_stop)
         async with app:
             # Start-up objects live as long as the process: keep the collector from rescanning
@@ -205,14 +205,14 @@ def scrub_url(url: str) -> str:
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
-    from finnstream.app import App  # noqa: PLC0415
+    from finnstream.app import RUN_ONCE_LOCK_WAIT_S, App  # noqa: PLC0415
 
     cfg = _load(args)
     if args.end <= args.start:
         raise ConfigError("backfill: --end must be after --start")
 
     async def go(register: Callable[[Callable[[], None]], None]) -> int:
-        app = App(cfg)
+        app = App(cfg, exit_watchdog=True, lock_wait_s=RUN_ONCE_LOCK_WAIT_S)
         register(app.request_stop)
         async with app:
             return await app.backfill_range(args.symbols or app.symbols, args.start, args.end)

@@ -2,8 +2,12 @@
 
 Workers pull symbols from a queue; each quote goes through the shared limiter, so the pace is
 the limiter's and the concurrency is the connection pool's. Every record is stamped with the
-cycle's minute slot, never with the time the answer arrived nor Finnhub's `t`. When the process
-is stopping, the limiter refuses new requests at once; answers already received are published.
+cycle's minute slot, never with the time the answer arrived nor Finnhub's `t`. No request starts
+after the minute's deadline (`RETRY_WINDOW_S` after the minute began, by the wall clock, so a
+late or paused cycle never fetches a later minute's price under an earlier stamp); a symbol the
+pace could not reach in time is a failed quote, and its slot goes to the gap ledger. When the
+process is stopping, the limiter refuses new requests at once; answers already received are
+published.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from finnstream.records import BadAnswer, is_unknown_symbol, quote_record
 
 log = structlog.get_logger("finnstream.cycle")
 
-RETRY_WINDOW_S = 58.0  # retries of a quote stay inside its own minute
+RETRY_WINDOW_S = 58.0  # no attempt at a quote starts later than this into its minute
+STOPPED_REASON = "stopped before the quote was requested"
 
 
 @dataclass
@@ -56,19 +61,20 @@ class QuoteCycle:
         self._ok = metrics.quotes.labels(outcome="ok")  # looked up once: this is per quote
 
     async def run(
-        self, minute: int, symbols: Sequence[str], publisher: Publisher, tick_mono: float
+        self, minute: int, symbols: Sequence[str], publisher: Publisher, minute_mono: float
     ) -> CycleOutcome:
+        """Quotes for `minute`; `minute_mono` is the monotonic clock at the minute's second 0."""
         outcome = CycleOutcome(minute=minute, symbols=len(symbols))
         todo = deque(symbols)
-        deadline = tick_mono + RETRY_WINDOW_S
+        deadline = minute_mono + RETRY_WINDOW_S
         workers = min(len(symbols), MAX_CONNECTIONS)
-        outcome.lag_s = self._clock.monotonic() - tick_mono + self._limiter.delay()
+        outcome.lag_s = self._clock.monotonic() - minute_mono + self._limiter.delay()
         with self._limiter.quotes_busy():
             await asyncio.gather(
                 *(self._worker(todo, minute, deadline, publisher, outcome) for _ in range(workers))
             )
         for symbol in todo:  # never started: the process is stopping
-            outcome.failed[symbol] = "stopped before the quote was requested"
+            outcome.failed[symbol] = STOPPED_REASON
         return outcome
 
     async def _worker(
@@ -119,6 +125,9 @@ class QuoteCycle:
             outcome.failed[symbol] = f"malformed answer: {exc}"
             log.warning("quote.bad_answer", symbol=symbol, minute=minute, error=str(exc))
             return
+        refused = publisher.add(record)
+        if refused is not None:
+            outcome.failed[symbol] = refused
+            return
         self._ok.inc()
-        publisher.add(record)
         outcome.published += 1

@@ -43,6 +43,10 @@ class StreamMissing(DependencyError):
     """The Kinesis stream does not exist or cannot be described."""
 
 
+class SpoolLocked(DependencyError):
+    """Another finnstream process holds the spool directory's lock."""
+
+
 class CandlesForbidden(DependencyError):
     """Finnhub answered 403 to /stock/candle: the plan has no access to candles."""
 

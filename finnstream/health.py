@@ -36,9 +36,13 @@ class HealthState:
     token_valid: bool = True
     backfill_enabled: bool = True
     spool_full: bool = False
+    held_records: int = 0  # settled only in memory: the disk refused writes
+    standby: str | None = None  # why this process is a standby (another holds the spool lock)
     problems: list[str] = field(default_factory=list)
 
     def check(self, now_mono: float) -> tuple[bool, dict[str, Any]]:
+        if self.standby is not None:  # alive and waiting: healthy, not ready
+            return True, {"healthy": True, "reasons": [], "ready": False, "standby": self.standby}
         reasons = list(self.problems)
         if not self.scheduler_alive():
             reasons.append("scheduler is not running")
@@ -55,6 +59,7 @@ class HealthState:
             "ready": self.ready,
             "backfill_enabled": self.backfill_enabled,
             "spool_full": self.spool_full,
+            "held_records": self.held_records,
             "seconds_since_last_cycle": None
             if self.last_cycle_mono is None
             else round(now_mono - self.last_cycle_mono, 1),
@@ -97,7 +102,10 @@ class HealthServer:
 
     async def _readyz(self, _request: web.Request) -> web.Response:
         ready = self._state.ready
-        return web.json_response({"ready": ready}, status=200 if ready else 503)
+        body: dict[str, Any] = {"ready": ready}
+        if not ready:
+            body["reason"] = self._state.standby or "starting"
+        return web.json_response(body, status=200 if ready else 503)
 
     async def _metrics_handler(self, _request: web.Request) -> web.Response:
         return web.Response(

@@ -75,12 +75,14 @@ class KinesisSink:
         metrics: Metrics,
         *,
         clock: Clock = SYSTEM_CLOCK,
+        client: Any = None,
     ) -> None:
         self._cfg = cfg
         self._session = session
         self._metrics = metrics
         self._clock = clock
         self._stack = contextlib.AsyncExitStack()
+        self._given_client = client  # an open Kinesis client (the simulation's); else one is made
         self._client: Any = None
         self._puts = asyncio.Semaphore(MAX_CONCURRENT_PUTS)
         self.stream_arn: str | None = None
@@ -93,7 +95,7 @@ class KinesisSink:
             read_timeout=15,
             max_pool_connections=MAX_CONCURRENT_PUTS * 2,
         )
-        self._client = await self._stack.enter_async_context(
+        self._client = self._given_client or await self._stack.enter_async_context(
             self._session.create_client(
                 "kinesis",
                 region_name=self._cfg.region,
@@ -210,18 +212,21 @@ class Publisher:
         self._undelivered: list[Record] = []
         self._lingerer: asyncio.Task[None] | None = None
 
-    def add(self, record: Record) -> None:
+    def add(self, record: Record) -> str | None:
+        """Queue `record`; returns why Kinesis would refuse it outright (the caller ledgers its
+        slot), or None."""
         try:
             batch = self._acc.add(record, self._clock.monotonic())
         except RecordTooLarge as exc:
             log.error(
                 "kinesis.record_refused", symbol=record.symbol, minute=record.minute, error=str(exc)
             )
-            return
+            return f"Kinesis would refuse the record: {exc}"
         if batch is not None:
             self._send(batch)
         if self._lingerer is None and len(self._acc):
             self._lingerer = asyncio.create_task(self._linger(), name="publisher-linger")
+        return None
 
     def _send(self, batch: Batch) -> None:
         task = asyncio.create_task(self._guarded(batch.records), name="put-records")

@@ -1,13 +1,29 @@
-"""The gap ledger: which (symbol, minute) slots were expected and not delivered, and how far we got.
+"""The gap ledger: the durable record of expected slots that are not delivered yet.
 
-A small sqlite3 database at `<dir>/ledger.sqlite3` (WAL, `synchronous=FULL`), so a slot recorded
-as missing survives a crash. Backfill works through `open_gaps()`, groups them with
-`ranges_by_symbol()` into candle requests, and `resolve()`s what it filled; a slot that keeps
-failing gets `record_attempt()`s until it is published as a `gap` record. `last_completed_slot`
-is the newest minute whose cycle finished, so a restart knows which minutes it missed.
+A small sqlite3 database at `<dir>/ledger.sqlite3` holds three things:
 
-Bulk operations run as one `executemany` in one transaction. Every sqlite error comes out as a
-`LedgerError` naming the file, never as a raw sqlite traceback.
+- `gaps`: single (symbol, minute) slots that were expected and not delivered (a quote that failed
+  after its retries, a skipped minute, a record the full spool refused), each with the number of
+  failed tries to fill it from candles and the latest reason.
+- `windows`: whole stretches of minutes with no cycle at all (finnstream was not running, was
+  paused, or its disk was full), one row per symbol: `[first, last]` and a reason, standing
+  for every expected minute in between. Three days of downtime at 1,800 symbols is 1,800 rows,
+  not 7.8 million; the backfiller expands a window into `gaps` a bounded chunk at a time
+  (`expand_window`), in the same transaction that shrinks it, so a slot is always in exactly
+  one of the two.
+- `meta.accounted_through`: the watermark. Every expected slot at or before it is delivered,
+  in the spool, or in this ledger; slots after it are accounted for by whoever comes next (a
+  restart puts them in a window). Only `SlotKeeper` moves it, and only forward.
+
+Writes that belong together (a cycle's failed slots, the window of minutes it found missed,
+and the new watermark; a backfill page's resolved slots and attempts) are one transaction:
+`commit(LedgerWrite)`. Every sqlite error comes out as a `LedgerError` naming the file.
+
+Journal mode is TRUNCATE with `synchronous=FULL`, not WAL: the spool directory may be on EFS
+(NFS), where WAL's shared-memory index does not work, and one mode everywhere is one mode
+tested. TRUNCATE rather than DELETE because on NFS a truncate is one round trip and a
+create-then-unlink of the journal is several. Temporary tables live in memory, so a read-only
+root filesystem is fine. Only the process holding the spool lock opens the ledger.
 """
 
 from __future__ import annotations
@@ -17,7 +33,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
@@ -29,23 +45,47 @@ from finnstream.errors import FinnstreamError
 log = structlog.get_logger(__name__)
 
 FILENAME = "ledger.sqlite3"
-SCHEMA_VERSION = 1
-_LAST_COMPLETED = "last_completed_slot"
-_LAST_STARTED = "last_started_slot"
+SCHEMA_VERSION = 2
+JOURNAL_MODE = "truncate"
+_WATERMARK = "accounted_through"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS gaps (
-    minute   INTEGER NOT NULL,
     symbol   TEXT    NOT NULL,
+    minute   INTEGER NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     reason   TEXT    NOT NULL,
-    PRIMARY KEY (minute, symbol)
+    PRIMARY KEY (symbol, minute)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS windows (
+    id     INTEGER PRIMARY KEY,
+    symbol TEXT    NOT NULL,
+    first  INTEGER NOT NULL,
+    last   INTEGER NOT NULL,
+    reason TEXT    NOT NULL,
+    slots  INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 ) WITHOUT ROWID;
 """
+
+# Version 1 (finnstream 0.1.0): gaps keyed (minute, symbol), WAL, and the pair
+# last_started_slot / last_completed_slot. Its gaps table is renamed away before the schema
+# above is created, and copied over after. A started-but-not-completed minute is simply after
+# the watermark, so only the completed one carries over.
+_MIGRATE_V1_BEFORE = "ALTER TABLE gaps RENAME TO gaps_v1"
+_MIGRATE_V1_AFTER = """
+INSERT INTO gaps (symbol, minute, attempts, reason)
+    SELECT symbol, minute, attempts, reason FROM gaps_v1;
+DROP TABLE gaps_v1;
+INSERT OR REPLACE INTO meta (key, value)
+    SELECT 'accounted_through', value FROM meta WHERE key = 'last_completed_slot';
+DELETE FROM meta WHERE key IN ('last_completed_slot', 'last_started_slot');
+"""
+
+Slot = tuple[str, int]  # (symbol, minute)
 
 
 class LedgerError(FinnstreamError):
@@ -60,6 +100,46 @@ class Gap:
     minute: int
     attempts: int
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """Every expected minute of `symbol` in [first, last] (`slots` of them), none polled."""
+
+    id: int
+    symbol: str
+    first: int
+    last: int
+    reason: str
+    slots: int
+
+
+@dataclass(frozen=True, slots=True)
+class NewWindow:
+    symbol: str
+    first: int
+    last: int
+    reason: str
+    slots: int
+
+
+@dataclass
+class LedgerWrite:
+    """Everything one transaction does; empty parts do nothing."""
+
+    gaps: dict[str, list[Slot]] = field(default_factory=dict)  # reason -> new open slots
+    windows: list[NewWindow] = field(default_factory=list)
+    resolve: list[Slot] = field(default_factory=list)  # filled: forget them
+    attempts: dict[str, list[Slot]] = field(default_factory=dict)  # reason -> one more try
+    watermark: int | None = None  # move accounted_through forward to this minute
+
+    def add_gaps(self, slots: Iterable[Slot], reason: str) -> None:
+        self.gaps.setdefault(reason, []).extend(slots)
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.gaps or self.windows or self.resolve or self.attempts or self.watermark is not None
+        )
 
 
 def ranges_by_symbol(gaps: Sequence[Gap]) -> dict[str, list[tuple[int, int]]]:
@@ -83,7 +163,15 @@ def _contiguous(minutes: list[int]) -> list[tuple[int, int]]:
     return ranges
 
 
-def _unique(slots: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:
+def _run_script(conn: sqlite3.Connection, script: str) -> None:
+    """Each statement of `script` inside the caller's transaction (`executescript` would commit
+    it first)."""
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+def _unique(slots: Iterable[Slot]) -> list[Slot]:
     return list(dict.fromkeys((symbol, int(minute)) for symbol, minute in slots))
 
 
@@ -98,10 +186,17 @@ class GapLedger:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._setup(self._conn)
+            self._gap_count, self._window_slots = self._read_counts(self._conn)
         except (OSError, sqlite3.Error) as exc:
             self.close()
             raise self._error("cannot be opened", exc) from exc
-        log.info("ledger.opened", path=str(self.path), open_gaps=self.count())
+        log.info(
+            "ledger.opened",
+            path=str(self.path),
+            journal=JOURNAL_MODE,
+            open_gaps=self._gap_count,
+            window_slots=self._window_slots,
+        )
 
     def _error(self, what: str, exc: BaseException) -> LedgerError:
         return LedgerError(
@@ -111,18 +206,36 @@ class GapLedger:
 
     def _setup(self, conn: sqlite3.Connection) -> None:
         conn.execute("PRAGMA busy_timeout = 5000")
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise sqlite3.DatabaseError(f"journal_mode is {mode}, not wal")
+        mode = conn.execute(f"PRAGMA journal_mode = {JOURNAL_MODE}").fetchone()[0]
+        if str(mode).lower() != JOURNAL_MODE:
+            raise sqlite3.DatabaseError(f"journal_mode is {mode}, not {JOURNAL_MODE}")
         conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA temp_store = MEMORY")
         check = conn.execute("PRAGMA quick_check").fetchone()[0]
         if check != "ok":
             raise sqlite3.DatabaseError(f"integrity check failed: {check}")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise sqlite3.DatabaseError(f"schema version {version} is newer than this finnstream")
-        conn.executescript(_SCHEMA)
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("BEGIN IMMEDIATE")  # the migration and the schema: all or nothing
+        try:
+            if version == 1:
+                conn.execute(_MIGRATE_V1_BEFORE)
+            _run_script(conn, _SCHEMA)
+            if version == 1:
+                _run_script(conn, _MIGRATE_V1_AFTER)
+                log.info("ledger.migrated", path=str(self.path), from_version=1)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    @staticmethod
+    def _read_counts(conn: sqlite3.Connection) -> tuple[int, int]:
+        gaps = conn.execute("SELECT count(*) FROM gaps").fetchone()[0]
+        windows = conn.execute("SELECT coalesce(sum(slots), 0) FROM windows").fetchone()[0]
+        return int(gaps), int(windows)
 
     @contextmanager
     def _transaction(self, *, write: bool) -> Iterator[sqlite3.Connection]:
@@ -137,88 +250,157 @@ class GapLedger:
                 try:
                     yield conn
                 except BaseException:
-                    if write:
+                    if write and conn.in_transaction:
                         conn.execute("ROLLBACK")
                     raise
                 if write:
                     conn.execute("COMMIT")
             except sqlite3.Error as exc:
+                if write and conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise self._error("cannot be read or written", exc) from exc
 
-    def add(self, slots: Iterable[tuple[str, int]], reason: str) -> int:
+    # ---- writes ------------------------------------------------------------------------------
+
+    def commit(self, write: LedgerWrite) -> int:
+        """Apply `write` in one transaction; returns how many new gap slots it opened."""
+        if not write:
+            return 0
+        with self._transaction(write=True) as conn:
+            before = conn.total_changes
+            for reason, slots in write.gaps.items():
+                conn.executemany(
+                    "INSERT INTO gaps (symbol, minute, attempts, reason) VALUES (?, ?, 0, ?) "
+                    "ON CONFLICT (symbol, minute) DO NOTHING",
+                    [(s, m, reason) for s, m in _unique(slots)],
+                )
+            added = conn.total_changes - before
+            before = conn.total_changes
+            if write.resolve:
+                conn.executemany(
+                    "DELETE FROM gaps WHERE symbol = ? AND minute = ?", _unique(write.resolve)
+                )
+            resolved = conn.total_changes - before
+            for reason, slots in write.attempts.items():
+                conn.executemany(
+                    "UPDATE gaps SET attempts = attempts + 1, reason = ? "
+                    "WHERE symbol = ? AND minute = ?",
+                    [(reason, s, m) for s, m in _unique(slots)],
+                )
+            conn.executemany(
+                "INSERT INTO windows (symbol, first, last, reason, slots) VALUES (?, ?, ?, ?, ?)",
+                [(w.symbol, w.first, w.last, w.reason, w.slots) for w in write.windows],
+            )
+            if write.watermark is not None:
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES (?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)",
+                    (_WATERMARK, int(write.watermark)),
+                )
+        self._gap_count += added - resolved
+        self._window_slots += sum(w.slots for w in write.windows)
+        if added:
+            log.info("ledger.gaps_added", added=added, reasons=sorted(write.gaps))
+        return added
+
+    def add(self, slots: Iterable[Slot], reason: str) -> int:
         """Record slots as missing; returns how many were new (existing ones are unchanged)."""
-        rows = [(minute, symbol, reason) for symbol, minute in _unique(slots)]
+        write = LedgerWrite()
+        write.add_gaps(slots, reason)
+        return self.commit(write)
+
+    def resolve(self, slots: Iterable[Slot]) -> None:
+        """Forget slots that were filled (delivered or spooled as quote, candle or gap record)."""
+        self.commit(LedgerWrite(resolve=list(slots)))
+
+    def record_attempt(self, slots: Iterable[Slot], reason: str) -> None:
+        """One more failed try for each slot already in the ledger (others are ignored)."""
+        self.commit(LedgerWrite(attempts={reason: list(slots)}))
+
+    def expand_window(self, window: Window, minutes: Sequence[int]) -> int:
+        """Move `minutes` (the window's earliest expected ones, ascending) into `gaps` and
+        shrink the window past them, in one transaction; the window is deleted once nothing of
+        it is left (or `minutes` is empty: nothing of it is expected any more). Returns how
+        many slots were moved."""
+        new_first = minutes[-1] + MINUTE_S if minutes else window.last + MINUTE_S
+        rest = max(0, window.slots - len(minutes))
+        done = new_first > window.last or rest == 0
         with self._transaction(write=True) as conn:
             before = conn.total_changes
             conn.executemany(
-                "INSERT INTO gaps (minute, symbol, attempts, reason) VALUES (?, ?, 0, ?) "
-                "ON CONFLICT (minute, symbol) DO NOTHING",
-                rows,
+                "INSERT INTO gaps (symbol, minute, attempts, reason) VALUES (?, ?, 0, ?) "
+                "ON CONFLICT (symbol, minute) DO NOTHING",
+                [(window.symbol, m, window.reason) for m in minutes],
             )
             added = conn.total_changes - before
-        if added:
-            log.info("ledger.gaps_added", added=added, reason=reason)
+            if done:
+                conn.execute("DELETE FROM windows WHERE id = ?", (window.id,))
+            else:
+                conn.execute(
+                    "UPDATE windows SET first = ?, slots = ? WHERE id = ?",
+                    (new_first, rest, window.id),
+                )
+        self._gap_count += added
+        self._window_slots -= window.slots if done else window.slots - rest
         return added
 
-    def resolve(self, slots: Iterable[tuple[str, int]]) -> None:
-        """Forget slots that were filled (delivered as quote, candle or gap record)."""
-        rows = [(minute, symbol) for symbol, minute in _unique(slots)]
-        with self._transaction(write=True) as conn:
-            conn.executemany("DELETE FROM gaps WHERE minute = ? AND symbol = ?", rows)
+    # ---- reads -------------------------------------------------------------------------------
 
-    def record_attempt(self, slots: Iterable[tuple[str, int]], reason: str) -> None:
-        """One more failed try for each slot already in the ledger (others are ignored)."""
-        rows = [(reason, minute, symbol) for symbol, minute in _unique(slots)]
-        with self._transaction(write=True) as conn:
-            conn.executemany(
-                "UPDATE gaps SET attempts = attempts + 1, reason = ? "
-                "WHERE minute = ? AND symbol = ?",
-                rows,
-            )
+    def page(
+        self, after: Slot | None, horizon: int, limit: int, *, fresh_only: bool = False
+    ) -> list[Gap]:
+        """Open gaps at or before `horizon`, ordered by (symbol, minute), after `after`;
+        `fresh_only`: only slots no attempt was made at yet."""
+        symbol, minute = after if after is not None else ("", -(2**62))
+        with self._transaction(write=False) as conn:
+            rows = conn.execute(
+                "SELECT symbol, minute, attempts, reason FROM gaps "
+                "WHERE (symbol, minute) > (?, ?) AND minute <= ? AND attempts <= ? "
+                "ORDER BY symbol, minute LIMIT ?",
+                (symbol, minute, horizon, 0 if fresh_only else 2**62, max(0, limit)),
+            ).fetchall()
+        return [Gap(s, m, a, r) for s, m, a, r in rows]
 
     def open_gaps(self, *, limit: int | None = None) -> list[Gap]:
-        """Open gaps ordered by minute, then symbol; at most `limit` of them."""
+        """Open gap slots (not windows) ordered by minute, then symbol; at most `limit`."""
         with self._transaction(write=False) as conn:
             rows = conn.execute(
                 "SELECT symbol, minute, attempts, reason FROM gaps ORDER BY minute, symbol LIMIT ?",
                 (-1 if limit is None else max(0, limit),),
             ).fetchall()
-        return [Gap(symbol, minute, attempts, reason) for symbol, minute, attempts, reason in rows]
+        return [Gap(s, m, a, r) for s, m, a, r in rows]
+
+    def windows(self, *, limit: int | None = None) -> list[Window]:
+        """Unexpanded windows, oldest first; at most `limit` of them."""
+        with self._transaction(write=False) as conn:
+            rows = conn.execute(
+                "SELECT id, symbol, first, last, reason, slots FROM windows "
+                "ORDER BY first, symbol, id LIMIT ?",
+                (-1 if limit is None else max(0, limit),),
+            ).fetchall()
+        return [Window(*row) for row in rows]
 
     def count(self) -> int:
-        """How many gaps are open."""
-        with self._transaction(write=False) as conn:
-            n: int = conn.execute("SELECT count(*) FROM gaps").fetchone()[0]
-        return n
+        """Open gap slots, windows included (kept in memory: no query)."""
+        return self._gap_count + self._window_slots
 
-    def _get_meta(self, key: str) -> int | None:
+    @property
+    def gap_slots(self) -> int:
+        """Open slots in `gaps` alone (the backfiller expands windows while this is low)."""
+        return self._gap_count
+
+    @property
+    def window_slots(self) -> int:
+        """Slots standing in unexpanded windows."""
+        return self._window_slots
+
+    def watermark(self) -> int | None:
+        """`accounted_through`: every expected slot up to this minute is accounted for."""
         with self._transaction(write=False) as conn:
-            row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            row = conn.execute("SELECT value FROM meta WHERE key = ?", (_WATERMARK,)).fetchone()
         return None if row is None else int(row[0])
 
-    def _raise_meta(self, key: str, minute: int) -> None:
-        """Move `key` forward to `minute` (an older minute changes nothing)."""
-        with self._transaction(write=True) as conn:
-            conn.execute(
-                "INSERT INTO meta (key, value) VALUES (?, ?) "
-                "ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)",
-                (key, int(minute)),
-            )
-
-    def last_completed_slot(self) -> int | None:
-        """The newest minute slot whose cycle completed, or None if none ever did."""
-        return self._get_meta(_LAST_COMPLETED)
-
-    def set_last_completed_slot(self, minute: int) -> None:
-        """Move the last completed slot forward to `minute` (an older minute changes nothing)."""
-        self._raise_meta(_LAST_COMPLETED, minute)
-
-    def last_started_slot(self) -> int | None:
-        """The newest minute slot whose cycle started (ahead of the completed one after a crash)."""
-        return self._get_meta(_LAST_STARTED)
-
-    def set_last_started_slot(self, minute: int) -> None:
-        self._raise_meta(_LAST_STARTED, minute)
+    # ---- lifecycle ---------------------------------------------------------------------------
 
     def close(self) -> None:
         """Close the database (idempotent)."""

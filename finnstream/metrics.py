@@ -69,6 +69,31 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.held_records = Gauge(
+            "finnstream_held_records",
+            "Undelivered records kept only in memory because the disk refused writes",
+            registry=r,
+        )
+        self.records_released = Counter(
+            "finnstream_records_released",
+            "Held records given up while the disk refused writes (their slots become gaps)",
+            registry=r,
+        )
+        self.drain_failures = Counter(
+            "finnstream_spool_drain_failures",
+            "Spool batches Kinesis did not take, or the spool could not retire",
+            registry=r,
+        )
+        self.active = Gauge(
+            "finnstream_active",
+            "1 while this process holds the spool lock and polls; 0 while it is a standby",
+            registry=r,
+        )
+        self.loop_lag = Gauge(
+            "finnstream_event_loop_max_lag_seconds",
+            "Longest event-loop stall seen since start (a 100 ms sleep that woke this late)",
+            registry=r,
+        )
         self.backfill_enabled = Gauge(
             "finnstream_backfill_enabled", "1 while backfill is on", registry=r
         )

@@ -125,6 +125,7 @@ class Ticker:
         self._clock = clock
         self._is_open = is_open
         self._queue: asyncio.Queue[Tick] = asyncio.Queue()
+        self._last_queued: int | None = None
         self._scheduler: AsyncIOScheduler | None = None
         self.last_fire_wall = clock.time()
         self.next_fire_wall = self._next_after(self.last_fire_wall)
@@ -164,13 +165,22 @@ class Ticker:
         self.fire(self._clock.time(), self._clock.monotonic())
 
     def fire(self, wall: float, mono: float, *, catch_up: bool = False) -> None:
-        """Queue the slot that `wall` falls in (the job fires at second 0 of the slot)."""
+        """Queue the slot that `wall` falls in (the job fires at second 0 of the slot).
+
+        A minute is queued once: a catch-up and the scheduler's own fire for the same minute,
+        or a clock stepped back, never poll a minute twice. Minutes the scheduler never fired
+        for (a pause, a frozen VM) are not invented here: the slot keeper finds them missed.
+        """
         minute = minute_slot(wall)
         self.last_fire_wall = wall
         self.next_fire_wall = self._next_after(minute)
+        if self._last_queued is not None and minute <= self._last_queued:
+            log.debug("schedule.already_queued", minute=minute, catch_up=catch_up)
+            return
         if self._is_open is not None and not self._is_open(minute):
             log.debug("schedule.market_closed", minute=minute)
             return
+        self._last_queued = minute
         self._queue.put_nowait(Tick(minute, mono, wall, catch_up))
 
     async def next_tick(self) -> Tick:

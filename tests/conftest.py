@@ -3,8 +3,11 @@ config files, and readers that check what really landed in the stream."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -14,9 +17,11 @@ import boto3
 import pytest
 import stamina
 import yaml
+from moto.kinesis.models import Shard
 from moto.server import ThreadedMotoServer
 
 from finnstream.clock import SystemClock
+from finnstream.ledger import GapLedger
 from finnstream.simulator import Simulator, SimulatorSettings
 
 TOKEN = "test-token-7f3a9c"  # distinctive, so a leak is easy to grep for
@@ -41,8 +46,23 @@ def _no_retry_waits() -> Iterator[None]:
         yield
 
 
+def _serialize_shard_writes() -> None:
+    """moto's Shard.put_record numbers a record max+1 and stores it under that number, with no
+    lock, while its server answers on many threads: two PutRecords at once can give two records
+    one number, and one of them vanishes. Kinesis does not do that, so the tests' moto must not."""
+    original = Shard.put_record
+    lock = threading.Lock()
+
+    def put_record(self: Shard, *args: Any, **kwargs: Any) -> str:
+        with lock:
+            return original(self, *args, **kwargs)
+
+    Shard.put_record = put_record  # type: ignore[method-assign]
+
+
 @pytest.fixture(scope="session")
 def moto_url() -> Iterator[str]:
+    _serialize_shard_writes()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -104,8 +124,9 @@ def aws(moto_url: str) -> Aws:
 
 
 @pytest.fixture
-async def sim() -> AsyncIterator[Simulator]:
-    async with Simulator(SimulatorSettings(tokens=frozenset({TOKEN}))) as s:
+async def sim(wall: ShiftedClock) -> AsyncIterator[Simulator]:
+    """The Finnhub simulator, on the test's wall clock (prices follow the app's minutes)."""
+    async with Simulator(SimulatorSettings(tokens=frozenset({TOKEN})), clock=wall.time) as s:
         yield s
 
 
@@ -146,12 +167,20 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
-class ShiftedClock:
-    """The real clock, with wall time moved by `offset` seconds (a later minute, on demand)."""
+def aligned_offset(second: float = 1.0) -> float:
+    """An offset that puts the wall clock at `second` of the next minute, now."""
+    now = time.time()
+    return 60.0 - now % 60.0 + second
 
-    def __init__(self, offset: float = 0.0) -> None:
+
+class ShiftedClock:
+    """The real clock, with wall time moved by `offset` seconds (a later minute, on demand).
+    Without an offset, it starts at second 1 of a minute: a quote's minute never runs out
+    because a test happened to start at second 59."""
+
+    def __init__(self, offset: float | None = None) -> None:
         self._real = SystemClock()
-        self.offset = offset
+        self.offset = aligned_offset() if offset is None else offset
 
     def time(self) -> float:
         return self._real.time() + self.offset
@@ -161,6 +190,39 @@ class ShiftedClock:
 
     async def sleep(self, seconds: float) -> None:
         await self._real.sleep(seconds)
+
+
+_WALL: list[ShiftedClock] = []
+
+
+@pytest.fixture(autouse=True)
+def wall() -> Iterator[ShiftedClock]:
+    """The test's wall clock: the simulator's and, unless a test passes its own, the apps'."""
+    clock = ShiftedClock()
+    _WALL.append(clock)
+    yield clock
+    _WALL.remove(clock)
+
+
+def current_wall() -> ShiftedClock:
+    return _WALL[-1]
+
+
+async def early_in_a_minute(latest_second: float = 45.0) -> None:
+    """For tests of real processes on the real clock: wait, if need be, until the minute has
+    room for a whole cycle (a quote never starts after second 58 of its minute)."""
+    second = time.time() % 60.0
+    if second > latest_second:
+        await asyncio.sleep(60.0 - second + 0.5)
+
+
+def open_slots(spool_dir: Path) -> set[tuple[str, int]]:
+    """Every slot a spool directory's ledger holds, windows expanded (every-minute cron)."""
+    with GapLedger(spool_dir) as ledger:
+        slots = {(g.symbol, g.minute) for g in ledger.open_gaps()}
+        for w in ledger.windows():
+            slots |= {(w.symbol, m) for m in range(w.first, w.last + 60, 60)}
+    return slots
 
 
 def app_env(aws: Aws) -> dict[str, str]:

@@ -10,10 +10,10 @@ from pathlib import Path
 from structlog.testing import capture_logs
 
 from finnstream.clock import minute_slot
-from finnstream.ledger import GapLedger
+from finnstream.ledger import GapLedger, LedgerWrite
 from finnstream.simulator import Simulator, candle_for
 
-from .conftest import Aws, ConfigFactory, ShiftedClock, subprocess_env
+from .conftest import Aws, ConfigFactory, current_wall, subprocess_env
 from .test_faults import keys, new_app
 
 
@@ -93,15 +93,15 @@ async def test_the_daemon_refills_a_down_minute_and_an_always_failing_symbol(
 ) -> None:
     sim.settings.fail_quote_symbols = frozenset({"FAIL"})
     path = make_config(["AAPL", "MSFT", "FAIL"])
-    clock = ShiftedClock()
+    clock = current_wall()
     now = minute_slot(clock.time())
     with GapLedger(tmp_path / "spool") as ledger:  # finnstream last ran five minutes ago
-        ledger.set_last_completed_slot(now - 300)
+        ledger.commit(LedgerWrite(watermark=now - 300))
     async with new_app(path, aws, clock) as app:
         assert await app.run_once() == 0  # FAIL's quote fails: a gap, not a loss
         expected = {(s, m) for s in ("AAPL", "MSFT", "FAIL") for m in range(now - 240, now, 60)}
         expected.add(("FAIL", now))
-        assert {(g.symbol, g.minute) for g in app.ledger.open_gaps()} == expected
+        assert {(s, m) for s, m, _ in app.keeper.open_slots()} == expected
     clock.offset += 180  # three minutes later the daemon is running and candles have settled
     async with new_app(path, aws, clock) as app:
         daemon = asyncio.create_task(app.run_forever())
@@ -118,7 +118,7 @@ async def test_a_free_plan_turns_backfill_off_once_and_publishes_gap_records(
     make_config: ConfigFactory, aws: Aws, sim: Simulator, tmp_path: Path
 ) -> None:
     sim.settings.premium = False
-    clock = ShiftedClock()
+    clock = current_wall()
     now = minute_slot(clock.time())
     with GapLedger(tmp_path / "spool") as ledger:
         ledger.add([("AAPL", now - 600), ("MSFT", now - 600)], "finnstream was not running")
@@ -144,7 +144,7 @@ async def test_a_slot_without_candles_becomes_a_gap_record_after_max_attempts(
     make_config: ConfigFactory, aws: Aws, sim: Simulator, tmp_path: Path
 ) -> None:
     sim.settings.no_candle_symbols = frozenset({"THIN"})
-    clock = ShiftedClock()
+    clock = current_wall()
     slot = minute_slot(clock.time()) - 600
     with GapLedger(tmp_path / "spool") as ledger:
         ledger.add([("THIN", slot), ("AAPL", slot)], "quote failed")
@@ -162,7 +162,7 @@ async def test_a_slot_without_candles_becomes_a_gap_record_after_max_attempts(
 async def test_backfill_turned_off_publishes_gap_records_and_says_why(
     make_config: ConfigFactory, aws: Aws, sim: Simulator, tmp_path: Path
 ) -> None:
-    clock = ShiftedClock()
+    clock = current_wall()
     slot = minute_slot(clock.time()) - 600
     with GapLedger(tmp_path / "spool") as ledger:
         ledger.add([("AAPL", slot)], "quote failed")

@@ -12,10 +12,12 @@ import pytest
 
 from finnstream.simulator import Simulator
 
-from .conftest import TOKEN, Aws, ConfigFactory, subprocess_env
+from .conftest import TOKEN, Aws, ConfigFactory, ShiftedClock, early_in_a_minute, subprocess_env
 
 
 async def finnstream(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    if args[:2] == ("run", "--once"):
+        await early_in_a_minute()  # a real process on the real clock
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -36,6 +38,12 @@ ENV: dict[str, str] = {}
 @pytest.fixture(autouse=True)
 def _aws_endpoint(moto_url: str) -> None:
     ENV["AWS_ENDPOINT_URL"] = moto_url
+
+
+@pytest.fixture(autouse=True)
+def _real_wall(wall: ShiftedClock) -> None:
+    """These tests run finnstream as a real process, on the real clock: so does the simulator."""
+    wall.offset = 0.0
 
 
 def assert_clean(out: str, err: str) -> None:

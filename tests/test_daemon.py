@@ -14,7 +14,15 @@ from structlog.testing import capture_logs
 from finnstream.app import App, CycleReport
 from finnstream.simulator import Simulator
 
-from .conftest import TOKEN, Aws, ConfigFactory, ShiftedClock, subprocess_env
+from .conftest import (
+    TOKEN,
+    Aws,
+    ConfigFactory,
+    ShiftedClock,
+    current_wall,
+    early_in_a_minute,
+    subprocess_env,
+)
 from .test_faults import keys, new_app
 
 
@@ -61,7 +69,8 @@ async def test_health_readiness_and_metrics_move_after_a_tick(
     make_config: ConfigFactory, aws: Aws, sim: Simulator
 ) -> None:
     port = free_port()
-    async with new_app(make_config(health={"host": "127.0.0.1", "port": port}), aws) as app:
+    path = make_config(health={"host": "127.0.0.1", "port": port})
+    async with new_app(path, aws) as app:
         cycles = Cycles(app)
         base = f"http://127.0.0.1:{port}"
         assert (await get(f"{base}/readyz"))[0] == 200
@@ -84,7 +93,8 @@ async def test_the_daemon_fires_at_each_minute_and_polls_every_symbol_once(
     make_config: ConfigFactory, aws: Aws, sim: Simulator
 ) -> None:
     symbols = ["AAPL", "MSFT", "AMZN", "BRK.B", "^GSPC"]
-    async with new_app(make_config(symbols), aws) as app:
+    await early_in_a_minute()  # the real scheduler on the real clock
+    async with new_app(make_config(symbols), aws, ShiftedClock(0.0)) as app:
         cycles = Cycles(app)
         daemon = asyncio.create_task(app.run_forever())
         await cycles.wait(2, 75)  # the catch-up cycle, then the first real tick
@@ -111,7 +121,7 @@ def token_reasons(app: App) -> list[str]:
 async def test_a_rotated_secret_is_read_again_and_a_dead_token_turns_health_red(
     make_config: ConfigFactory, aws: Aws, sim: Simulator
 ) -> None:
-    clock = ShiftedClock()
+    clock = current_wall()
     async with new_app(make_config(["AAPL"]), aws, clock) as app:
         assert await app.run_once() == 0
         sim.settings.tokens = frozenset({"rotated-token-1"})
@@ -157,6 +167,7 @@ async def test_tail_prints_the_stream_as_json_lines(
 
 
 async def test_demo_shows_records_landing_within_15_seconds() -> None:
+    await early_in_a_minute()  # the demo's first cycle is for the real minute under way
     env = subprocess_env()
     env.pop("AWS_ENDPOINT_URL", None)
     started = time.monotonic()

@@ -10,18 +10,26 @@ from pathlib import Path
 
 from finnstream.app import App
 from finnstream.config import load_config
-from finnstream.ledger import GapLedger
 from finnstream.records import gap_record
 from finnstream.simulator import Simulator, quote_for
 
-from .conftest import Aws, ConfigFactory, ShiftedClock, app_env, subprocess_env
+from .conftest import (
+    Aws,
+    ConfigFactory,
+    ShiftedClock,
+    app_env,
+    current_wall,
+    early_in_a_minute,
+    open_slots,
+    subprocess_env,
+)
 from .faults import KinesisFaults, RefusingProxy, patched_kinesis
 
 
 def new_app(path: Path, aws: Aws, clock: ShiftedClock | None = None, **env: str) -> App:
     environ = {**app_env(aws), **env}
     cfg, _ = load_config(path, environ=environ)
-    return App(cfg, environ=environ, clock=clock or ShiftedClock())
+    return App(cfg, environ=environ, clock=clock or current_wall())
 
 
 def keys(records: list[dict]) -> Counter[tuple[str, int, str]]:  # type: ignore[type-arg]
@@ -49,7 +57,7 @@ async def test_outage_spools_and_exits_1_then_next_run_delivers_without_doubles(
     make_config: ConfigFactory, aws: Aws, sim: Simulator
 ) -> None:
     path = make_config(["AAPL", "MSFT", "BRK.B"])
-    clock = ShiftedClock()
+    clock = current_wall()
     with patched_kinesis(KinesisFaults(outage=True)):
         async with new_app(path, aws, clock) as app:
             assert await app.run_once() == 1
@@ -68,7 +76,7 @@ async def test_refused_connections_spool_then_recover(
     make_config: ConfigFactory, aws: Aws, sim: Simulator
 ) -> None:
     host, port = aws.url.removeprefix("http://").split(":")
-    clock = ShiftedClock()
+    clock = current_wall()
     async with RefusingProxy(host, int(port)) as proxy:
         path = make_config(["AAPL", "MSFT"], kinesis={"endpoint_url": proxy.url})
         async with new_app(path, aws, clock) as app:
@@ -105,8 +113,10 @@ async def test_sigterm_mid_cycle_stops_fetching_and_loses_no_answered_quote(
 
 
 async def test_sigkill_loses_at_most_the_cycle_and_its_slots_become_gaps(
-    make_config: ConfigFactory, aws: Aws, sim: Simulator, tmp_path: Path
+    make_config: ConfigFactory, aws: Aws, sim: Simulator, tmp_path: Path, wall: ShiftedClock
 ) -> None:
+    wall.offset = 0.0  # a real process on the real clock: so is the simulator
+    await early_in_a_minute()
     symbols = [f"K{i:02d}" for i in range(20)]
     path = make_config(symbols, finnhub={"requests_per_second": 3, "requests_per_minute": 6000})
     env = subprocess_env(AWS_ENDPOINT_URL=aws.url)
@@ -141,8 +151,7 @@ async def test_sigkill_loses_at_most_the_cycle_and_its_slots_become_gaps(
         stderr=asyncio.subprocess.DEVNULL,
     )
     assert await asyncio.wait_for(restart.wait(), 60) == 0
-    with GapLedger(tmp_path / "spool") as ledger:
-        gaps = {(g.symbol, g.minute) for g in ledger.open_gaps()}
+    gaps = open_slots(tmp_path / "spool")
     landed = {(s, m) for s, m, src in keys(aws.records()) if src == "quote"}
     for symbol in symbols:
         assert (symbol, killed_minute) in landed | gaps
@@ -192,18 +201,21 @@ async def test_paced_run_never_sees_a_429(
     assert len(aws.records()) == 35
 
 
-async def test_a_backlog_drains_oldest_first_beside_the_current_minute(
+async def test_a_backlog_drains_oldest_first_in_the_background_and_never_holds_the_minute(
     make_config: ConfigFactory, aws: Aws, sim: Simulator
 ) -> None:
     async with new_app(make_config(["AAPL", "MSFT"]), aws) as app:
         backlog = [gap_record(f"B{i:05d}", 60 * (i // 1000), "outage", 0.0) for i in range(12_000)]
-        app.spool_records(backlog)
-        now = app.clock.time()
-        await app.run_cycle(int(now // 60) * 60, app.clock.monotonic())
-        left = app.spool.depth_records
+        assert app.keeper.spool_records(backlog) == []
+        left_at_report: list[int] = []
+        app.cycle_listeners.append(lambda _: left_at_report.append(app.spool.depth_records))
+        daemon = asyncio.create_task(app.run_forever())
+        await asyncio.wait_for(app.drainer.empty.wait(), 60)
+        app.request_stop()
+        assert await asyncio.wait_for(daemon, 10) == 0
     landed = aws.records()
     current = [r for r in landed if r["source"] == "quote"]
     drained = [r["symbol"] for r in landed if r["source"] == "gap"]
     assert sorted(r["symbol"] for r in current) == ["AAPL", "MSFT"]  # not starved
-    assert left == 2_000  # at most 20 batches of 500 beside one cycle
-    assert drained == [f"B{i:05d}" for i in range(10_000)]  # oldest first
+    assert left_at_report[0] > 0  # the cycle settled while the backlog was still going out
+    assert drained == [f"B{i:05d}" for i in range(12_000)]  # all of it, oldest first

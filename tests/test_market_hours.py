@@ -6,7 +6,7 @@ import datetime as dt
 import time
 from pathlib import Path
 
-from finnstream.ledger import GapLedger
+from finnstream.ledger import GapLedger, LedgerWrite
 from finnstream.simulator import Simulator
 
 from .conftest import Aws, ConfigFactory, ShiftedClock
@@ -49,10 +49,10 @@ async def test_a_weekend_of_downtime_expects_only_session_minutes(
 ) -> None:
     path = make_config(["AAPL", "MSFT"], schedule={"market_hours_only": True})
     with GapLedger(tmp_path / "spool") as ledger:  # last ran at Friday's final minute
-        ledger.set_last_completed_slot(ts("2026-11-20T20:59:00"))
+        ledger.commit(LedgerWrite(watermark=ts("2026-11-20T20:59:00")))
     async with new_app(path, aws, at("2026-11-23T14:35:05")) as app:  # Monday 09:35 New York
         assert await app.run_once() == 0
-        gaps = {(g.symbol, g.minute) for g in app.ledger.open_gaps()}
+        gaps = {(s, m) for s, m, _ in app.keeper.open_slots()}
     monday_open = ts("2026-11-23T14:30:00")
     assert gaps == {(s, monday_open + 60 * i) for s in ("AAPL", "MSFT") for i in range(5)}
     assert {r["minute"] for r in aws.records()} == {ts("2026-11-23T14:35:00")}

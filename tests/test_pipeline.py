@@ -13,7 +13,7 @@ from finnstream.clock import minute_slot
 from finnstream.config import load_config
 from finnstream.simulator import Simulator, quote_for
 
-from .conftest import Aws, ConfigFactory
+from .conftest import Aws, ConfigFactory, current_wall
 
 ODD = [
     "AAPL",
@@ -34,7 +34,7 @@ ODD = [
 async def run_once(path: Path, aws: Aws, **environ: str) -> tuple[int, App]:
     env = {"AWS_ENDPOINT_URL": aws.url, **environ}
     cfg, _ = load_config(path, environ=env)
-    app = App(cfg, environ=env)
+    app = App(cfg, environ=env, clock=current_wall())
     async with app:
         code = await app.run_once()
     return code, app
