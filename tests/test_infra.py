@@ -1327,6 +1327,16 @@ def test_alarm_topic_takes_alarms_and_stopped_task_events(expanded: dict[str, An
     }
     for st in publishers.values():
         assert st["Resource"] == {"Ref": "AlarmTopic"}
+    # CloudWatch may publish for this stack's alarms, whose names all start "<stack>-".
+    alarm_arns = publishers["cloudwatch.amazonaws.com"]["Condition"]["ArnLike"]["aws:SourceArn"]
+    assert alarm_arns["Fn::Sub"].endswith(":alarm:${AWS::StackName}-*")
+    for name, alarm in _alarms(template).items():
+        alarm_name = alarm["AlarmName"]
+        if "Fn::Sub" in alarm_name:
+            assert alarm_name["Fn::Sub"].startswith("${AWS::StackName}-"), name
+        else:
+            separator, parts = alarm_name["Fn::Join"]
+            assert (separator, parts[0]) == ("-", {"Ref": "AWS::StackName"}), name
     # The e-mail subscription exists when, and only when, an address is given.
     assert not _resources(template, "AWS::SNS::Subscription")
     with_mail = _one(_deployed(expanded, AlarmEmail="ops@example.com"), "AWS::SNS::Subscription")
