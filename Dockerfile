@@ -37,7 +37,8 @@ RUN groupadd --system --gid 10001 finnstream \
  && useradd --system --uid 10001 --gid finnstream --no-create-home \
         --home-dir /nonexistent --shell /usr/sbin/nologin finnstream \
  && mkdir -p /var/lib/finnstream/spool \
- && chown -R 10001:10001 /var/lib/finnstream
+ && chown -R 10001:10001 /var/lib/finnstream \
+ && chown 10001:10001 /tmp
 
 COPY --from=build /opt/venv /opt/venv
 
@@ -48,8 +49,11 @@ USER 10001:10001
 
 # The spool (undelivered records and the gap ledger) outlives the container. Declared after the
 # chown so a fresh named volume, and Fargate's task-storage mount at this exact path, start out
-# owned by the finnstream user.
-VOLUME /var/lib/finnstream/spool
+# owned by the finnstream user. /tmp too (sqlite's and Python's temporary files): on ECS the root
+# file system is read-only, and Fargate gives a mount the owner of the image's VOLUME path (root
+# and 0755 otherwise), so the daemon can write there. On EFS (deploy/cloudformation.yaml) the
+# spool's owner comes from the access point instead.
+VOLUME ["/var/lib/finnstream/spool", "/tmp"]
 
 # Health endpoint (health.port). A container run with FINNSTREAM_HEALTH__PORT=0 has no endpoint:
 # run it with --no-healthcheck (compose: `healthcheck: {disable: true}`).
