@@ -293,6 +293,19 @@ def missing_slots(
 # --- missing_slots.sql ---------------------------------------------------------------------------
 
 
+def test_finnstream_sessions_prints_the_table_the_query_reads(sessions_csv: Path) -> None:
+    lines = sessions_csv.read_bytes().decode().split("\n")
+
+    assert lines[0] == "trading_day,open_minute,close_minute"
+    assert lines[-1] == ""  # every line ends with \n, none with \r\n
+    week = {
+        line.split(",")[0]: line for line in lines[1:-1] if "2024-11-25" <= line <= "2024-12-01"
+    }
+    assert sorted(week) == ["2024-11-25", "2024-11-26", "2024-11-27", "2024-11-29"]
+    assert week["2024-11-29"] == f"2024-11-29,{ny(LAST, '09:30')},{ny(LAST, '13:00')}"
+    assert week["2024-11-25"] == f"2024-11-25,{ny(FIRST, '09:30')},{ny(FIRST, '16:00')}"
+
+
 def test_the_archive_is_laid_out_by_arrival_day(athena: duckdb.DuckDBPyConnection) -> None:
     folders = athena.execute(
         "SELECT DISTINCT year || '-' || month || '-' || day FROM finnstream.quotes ORDER BY 1"
