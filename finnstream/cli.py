@@ -44,6 +44,13 @@ def parse_time(text: str) -> int:
     return int(parsed.timestamp())
 
 
+def _date_arg(text: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date (YYYY-MM-DD)") from None
+
+
 def _symbols_arg(text: str) -> list[str]:
     symbols = [s.strip() for s in text.split(",") if s.strip()]
     if not symbols:
@@ -104,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--latency-ms", type=float, default=0.0)
     sim.add_argument("--error-rate", type=float, default=0.0)
     sim.add_argument("--free", action="store_true", help="free plan: /stock/candle answers 403")
+    sessions = sub.add_parser(
+        "sessions", help="print the exchange's regular sessions in [start, end] as CSV"
+    )
+    sessions.add_argument("--start", required=True, type=_date_arg, help="first day, YYYY-MM-DD")
+    sessions.add_argument("--end", required=True, type=_date_arg, help="last day, YYYY-MM-DD")
     demo = sub.add_parser("demo", help="the whole pipeline on local stand-ins")
     demo.add_argument("--symbols", type=_symbols_arg, default=None)
     demo.add_argument("--cycles", type=_positive, default=None, help="stop after N cycles")
@@ -257,6 +269,24 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return _with_signals(go)  # type: ignore[arg-type]
 
 
+def cmd_sessions(args: argparse.Namespace) -> int:
+    """The calendar the daemon polls by, as the CSV Athena's gap report reads."""
+    from finnstream.markets import MarketHours, MarketHoursError  # noqa: PLC0415 (pandas)
+
+    # stdout is the CSV (`> sessions.csv`): log lines, warnings only, go to stderr.
+    configure_logging("WARNING", "console" if sys.stderr.isatty() else "json", stream=sys.stderr)
+    if args.end < args.start:
+        raise ConfigError(f"sessions: --end {args.end} is before --start {args.start}")
+    try:
+        rows = MarketHours(years=1).sessions(args.start, args.end)
+    except MarketHoursError as exc:
+        raise ConfigError(f"sessions: {exc}") from exc
+    lines = ["trading_day,open_minute,close_minute"]
+    lines += [f"{row.trading_day.isoformat()},{row.open_minute},{row.close_minute}" for row in rows]
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from finnstream.demo import demo  # noqa: PLC0415
 
@@ -274,6 +304,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "backfill": cmd_backfill,
     "tail": cmd_tail,
     "simulate": cmd_simulate,
+    "sessions": cmd_sessions,
     "demo": cmd_demo,
 }
 

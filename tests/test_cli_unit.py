@@ -113,6 +113,61 @@ def test_backfill_end_before_start_exits_2(
     assert "--end must be after --start" in one_line(capsys.readouterr().err)
 
 
+# --- sessions --------------------------------------------------------------------------------
+
+
+def test_sessions_prints_the_calendar_as_csv(capsys: pytest.CaptureFixture[str]) -> None:
+    # Thanksgiving week 2024: Thursday closed, Friday closes at 13:00 New York (18:00 UTC).
+    code = main(["sessions", "--start", "2024-11-26", "--end", "2024-11-29"])
+
+    captured = capsys.readouterr()
+    assert code == 0
+    assert captured.err == ""
+    assert captured.out == (
+        "trading_day,open_minute,close_minute\n"
+        "2024-11-26,1732631400,1732654800\n"  # 14:30 to 21:00 UTC
+        "2024-11-27,1732717800,1732741200\n"
+        "2024-11-29,1732890600,1732903200\n"  # 14:30 to 18:00 UTC
+    )
+
+
+def test_sessions_of_a_holiday_is_the_header_alone(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sessions", "--start", "2025-12-25", "--end", "2025-12-25"]) == 0
+    assert capsys.readouterr().out == "trading_day,open_minute,close_minute\n"
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "message"),
+    [
+        ("2025-06-20", "2025-06-16", "--end 2025-06-16 is before --start 2025-06-20"),
+        ("2201-01-01", "2201-01-31", "knows holidays from 1970-01-01 to 2200-12-31 only"),
+        ("1960-01-01", "2025-01-31", "knows holidays from 1970-01-01 to 2200-12-31 only"),
+    ],
+)
+def test_sessions_range_errors_exit_2_with_one_line(
+    capsys: pytest.CaptureFixture[str], start: str, end: str, message: str
+) -> None:
+    code = main(["sessions", "--start", start, "--end", end])
+
+    captured = capsys.readouterr()
+    assert code == 2
+    assert message in one_line(captured.err)
+    assert captured.out == ""
+
+
+@pytest.mark.parametrize("bad", ["2025-13-01", "2025-02-30", "yesterday", "1718634600", ""])
+def test_sessions_with_a_bad_date_exits_2_naming_it(
+    bad: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["sessions", "--start", bad, "--end", "2025-06-20"])
+
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"argument --start: {bad!r} is not a date (YYYY-MM-DD)" in err
+
+
 # --- check-config ----------------------------------------------------------------------------
 
 

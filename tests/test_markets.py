@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from finnstream.markets import MarketHours, MarketHoursError
+from finnstream.markets import MarketHours, MarketHoursError, Session
 
 NY = ZoneInfo("America/New_York")
 
@@ -83,6 +83,65 @@ def test_agrees_with_open_minutes_minute_by_minute(hours: MarketHours) -> None:
     expected = [m for m in range(start, end, 60) if hours.is_open(m)]
 
     assert hours.open_minutes(start, end) == expected
+
+
+def test_sessions_of_a_holiday_week(hours: MarketHours) -> None:
+    # Mon 25 .. Mon Dec 2 2024: Thanksgiving (28) closed, the day after closes at 13:00.
+    sessions = hours.sessions(dt.date(2024, 11, 25), dt.date(2024, 12, 2))
+
+    assert sessions == [
+        Session(dt.date(2024, 11, 25), ny("2024-11-25", "09:30"), ny("2024-11-25", "16:00")),
+        Session(dt.date(2024, 11, 26), ny("2024-11-26", "09:30"), ny("2024-11-26", "16:00")),
+        Session(dt.date(2024, 11, 27), ny("2024-11-27", "09:30"), ny("2024-11-27", "16:00")),
+        Session(dt.date(2024, 11, 29), ny("2024-11-29", "09:30"), ny("2024-11-29", "13:00")),
+        Session(dt.date(2024, 12, 2), ny("2024-12-02", "09:30"), ny("2024-12-02", "16:00")),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("day", "close"),
+    [
+        ("2025-01-09", None),  # closed for President Carter's national day of mourning
+        ("2025-04-18", None),  # Good Friday
+        ("2025-07-03", "13:00"),  # early close before Independence Day
+        ("2025-07-04", None),
+        ("2025-12-24", "13:00"),
+        ("2025-12-26", "16:00"),
+        ("2025-03-10", "16:00"),  # the Monday after the switch to summer time
+    ],
+)
+def test_sessions_of_known_days(hours: MarketHours, day: str, close: str | None) -> None:
+    date = dt.date.fromisoformat(day)
+
+    expected = [] if close is None else [Session(date, ny(day, "09:30"), ny(day, close))]
+
+    assert hours.sessions(date, date) == expected
+
+
+def test_sessions_hold_exactly_the_open_minutes(hours: MarketHours) -> None:
+    first, last = dt.date(2024, 11, 1), dt.date(2025, 1, 31)
+
+    from_sessions = [
+        m for s in hours.sessions(first, last) for m in range(s.open_minute, s.close_minute, 60)
+    ]
+
+    assert from_sessions == hours.open_minutes(ny("2024-11-01", "00:00"), ny("2025-02-01", "00:00"))
+
+
+def test_sessions_of_an_empty_or_reversed_range(hours: MarketHours) -> None:
+    assert hours.sessions(dt.date(2024, 11, 30), dt.date(2024, 12, 1)) == []  # a weekend
+    assert hours.sessions(dt.date(2024, 12, 2), dt.date(2024, 11, 25)) == []
+
+
+@pytest.mark.parametrize(
+    ("first", "last"), [("1969-12-01", "1970-01-31"), ("2200-12-01", "2201-01-31")]
+)
+def test_sessions_outside_the_holiday_rules_are_refused(
+    hours: MarketHours, first: str, last: str
+) -> None:
+    # exchange_calendars has holiday rules for 1970..2200 only: beyond, Christmas is a session.
+    with pytest.raises(MarketHoursError, match=r"1970-01-01 to 2200-12-31"):
+        hours.sessions(dt.date.fromisoformat(first), dt.date.fromisoformat(last))
 
 
 def test_dates_outside_the_loaded_range_extend_it() -> None:
