@@ -142,14 +142,25 @@ class KinesisSink:
         return [r for undelivered in results for r in undelivered]
 
     async def put_batch(self, records: list[Record], deadline: float | None = None) -> list[Record]:
-        """One batch (at most 500 records, 5 MiB), retried; returns what was never accepted."""
+        """One batch (at most 500 records, 5 MiB), retried until `deadline` (monotonic, on the
+        injected clock) or `kinesis.max_retries`; returns what was never accepted."""
         remaining = records
-        timeout = None if deadline is None else max(0.001, deadline - self._clock.monotonic())
+
+        def retry(exc: Exception) -> bool | float:
+            """Retry a retriable failure while time is left; never wait past the deadline."""
+            if not _retriable(exc):
+                return False
+            if deadline is None:
+                return True
+            left = deadline - self._clock.monotonic()
+            if left <= 0:
+                return False
+            return True if left >= RETRY_WAIT_MAX_S else left / 2
+
         try:
             async for attempt in stamina.retry_context(
-                on=_retriable,
+                on=retry,
                 attempts=self._cfg.max_retries + 1,
-                timeout=timeout,
                 wait_initial=RETRY_WAIT_INITIAL_S,
                 wait_max=RETRY_WAIT_MAX_S,
             ):
@@ -208,7 +219,7 @@ class Publisher:
         self._clock = clock
         self._deadline = deadline
         self._acc = Accumulator() if linger_s is None else Accumulator(linger_s)
-        self._sends: set[asyncio.Task[None]] = set()
+        self._sends: dict[asyncio.Task[None], None] = {}  # ordered: deterministic under test
         self._undelivered: list[Record] = []
         self._lingerer: asyncio.Task[None] | None = None
 
@@ -230,8 +241,11 @@ class Publisher:
 
     def _send(self, batch: Batch) -> None:
         task = asyncio.create_task(self._guarded(batch.records), name="put-records")
-        self._sends.add(task)
-        task.add_done_callback(self._sends.discard)
+        self._sends[task] = None
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._sends.pop(task, None)
 
     async def _guarded(self, records: list[Record]) -> None:
         """Send one batch; whatever happens, its undelivered records end up in `_undelivered`."""
