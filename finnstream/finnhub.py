@@ -48,6 +48,30 @@ def _retry_after(resp: aiohttp.ClientResponse, wall_now: float) -> float | None:
     return None
 
 
+CANDLE_COLUMNS = ("t", "o", "h", "l", "c", "v")
+
+
+def parse_candles(symbol: str, body: Any) -> list[dict[str, Any]]:
+    """The bars of a /stock/candle answer, one dict per bar; [] for `no_data`.
+
+    Any other shape (not an object, an unknown status, a column missing, not a list, or of
+    another length) raises a non-retriable `FinnhubError`; the bars' values are checked later,
+    by `candle_record`.
+    """
+    status = body.get("s") if isinstance(body, dict) else None
+    if status == "no_data":
+        return []
+    if status != "ok":
+        raise FinnhubError(f"candles for {symbol}: unexpected answer shape", retriable=False)
+    columns = [body.get(k) for k in CANDLE_COLUMNS]
+    if not all(isinstance(c, list) for c in columns) or len({len(c) for c in columns}) != 1:
+        raise FinnhubError(
+            f"candles for {symbol}: columns missing, not lists or of unequal length",
+            retriable=False,
+        )
+    return [dict(zip(CANDLE_COLUMNS, row, strict=True)) for row in zip(*columns, strict=True)]
+
+
 class FinnhubClient:
     def __init__(
         self,
@@ -108,19 +132,7 @@ class FinnhubClient:
         """1-minute bars for minutes in [first, last]; [] for `no_data`; 403: CandlesForbidden."""
         params = {"symbol": symbol, "resolution": "1", "from": str(first), "to": str(last + 59)}
         body = await self._get_retrying("/stock/candle", params, deadline, Priority.BACKGROUND)
-        if not isinstance(body, dict) or body.get("s") not in ("ok", "no_data"):
-            raise FinnhubError(f"candles for {symbol}: unexpected answer shape", retriable=False)
-        if body["s"] == "no_data":
-            return []
-        try:
-            columns = {k: body[k] for k in ("t", "o", "h", "l", "c", "v")}
-            return [
-                dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)
-            ]
-        except (KeyError, TypeError, ValueError):
-            raise FinnhubError(
-                f"candles for {symbol}: columns missing or of unequal length", retriable=False
-            ) from None
+        return parse_candles(symbol, body)
 
     async def check_token(self, symbol: str) -> None:
         """One request at startup: a 401 means the token is wrong (exit 3)."""

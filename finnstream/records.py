@@ -40,10 +40,22 @@ class Record:
 
 
 class BadAnswer(ValueError):
-    """A Finnhub answer that cannot become a record (wrong shape or types)."""
+    """A Finnhub answer that cannot become a record (wrong shape, types or range)."""
 
 
-def _num(body: dict[str, Any], key: str, *, required: bool = False) -> float | None:
+# An integer field (`quote_time`, `volume`) must fit a signed 64-bit integer: what orjson encodes
+# (it stops at 2**64 - 1) and what a consumer's bigint (Athena, Glue) holds.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _object(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise BadAnswer(f"answer is {type(body).__name__}, not an object")
+    return body
+
+
+def _number(body: dict[str, Any], key: str, *, required: bool) -> int | float | None:
+    """The JSON number at `key` as decoded (an int stays an int), or None when null/absent."""
     value = body.get(key)
     if value is None:
         if required:
@@ -51,14 +63,33 @@ def _num(body: dict[str, Any], key: str, *, required: bool = False) -> float | N
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise BadAnswer(f"field {key!r} is {type(value).__name__}, not a number")
-    if not math.isfinite(value):
+    return value
+
+
+def _num(body: dict[str, Any], key: str, *, required: bool = False) -> float | None:
+    value = _number(body, key, required=required)
+    if value is None:
+        return None
+    try:
+        number = float(value)  # an int beyond a double's range overflows here
+    except OverflowError:
+        raise BadAnswer(f"field {key!r} is out of range") from None
+    if not math.isfinite(number):
         raise BadAnswer(f"field {key!r} is not finite")
-    return float(value)
+    return number
 
 
 def _int(body: dict[str, Any], key: str) -> int | None:
-    value = _num(body, key)
-    return None if value is None else int(value)
+    value = _number(body, key, required=False)
+    if value is None:
+        return None
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise BadAnswer(f"field {key!r} is not finite")
+        value = int(value)
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise BadAnswer(f"field {key!r} is out of range for a 64-bit integer")
+    return value
 
 
 def is_unknown_symbol(body: dict[str, Any]) -> bool:
@@ -95,8 +126,7 @@ def _record(symbol: str, minute: int, source: str, fetched_at: float, **fields: 
 
 def quote_record(symbol: str, minute: int, body: Any, fetched_at: float) -> Record:
     """A `quote` record from a /quote answer. Raises `BadAnswer` for a malformed body."""
-    if not isinstance(body, dict):
-        raise BadAnswer(f"answer is {type(body).__name__}, not an object")
+    body = _object(body)
     return _record(
         symbol,
         minute,
@@ -113,8 +143,12 @@ def quote_record(symbol: str, minute: int, body: Any, fetched_at: float) -> Reco
     )
 
 
-def candle_record(symbol: str, minute: int, bar: dict[str, Any], fetched_at: float) -> Record:
-    """A `candle` record from one bar {o,h,l,c,v,t} of a /stock/candle answer."""
+def candle_record(symbol: str, minute: int, bar: Any, fetched_at: float) -> Record:
+    """A `candle` record from one bar {o,h,l,c,v,t} of a /stock/candle answer.
+
+    Raises `BadAnswer` for a malformed bar.
+    """
+    bar = _object(bar)
     return _record(
         symbol,
         minute,

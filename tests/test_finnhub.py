@@ -1,0 +1,147 @@
+"""The Finnhub client against small aiohttp servers: parsing, limits on answers, redirects,
+token rotation and deadlines. End-to-end behaviour with the simulator is in test_pipeline."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from finnstream.errors import FinnhubError
+from finnstream.finnhub import FinnhubClient, parse_candles
+from finnstream.limiter import RateLimiter
+from finnstream.records import BadAnswer, candle_record
+
+TOKEN = "stub-token-0123456789"  # as long as a real one
+MINUTE = 1_718_634_600
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Stub:
+    """An HTTP server on loopback whose answer a test sets (`stub.handler`); it keeps requests."""
+
+    def __init__(self) -> None:
+        self.handler: Handler = self._ok
+        self.requests: list[web.Request] = []
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    @staticmethod
+    async def _ok(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"c": 1.0, "t": MINUTE})
+
+    async def _serve(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append(request)
+        return await self.handler(request)
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("GET", "/{tail:.*}", self._serve)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    @property
+    def origin(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.origin}/api/v1"
+
+
+@pytest.fixture
+async def stub() -> AsyncIterator[Stub]:
+    server = Stub()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def answering(body: Any, status: int = 200) -> Handler:
+    raw = body if isinstance(body, bytes) else orjson.dumps(body)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=status, body=raw, content_type="application/json")
+
+    return handler
+
+
+def client_for(base_url: str, **kwargs: Any) -> FinnhubClient:
+    kwargs.setdefault("timeout_s", 2.0)
+    kwargs.setdefault("retries", 0)
+    return FinnhubClient(
+        base_url, TOKEN, RateLimiter(per_second=1000, per_minute=100_000), **kwargs
+    )
+
+
+# --- candles: odd shapes raise FinnhubError, odd values BadAnswer -----------------------------
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=2), inner),
+    max_leaves=8,
+)
+COLUMN = st.lists(JSON, max_size=3) | JSON
+CANDLE_LIKE = st.fixed_dictionaries(
+    {"s": st.sampled_from(["ok", "no_data", "error"]) | JSON},
+    optional={k: COLUMN for k in ("t", "o", "h", "l", "c", "v")},
+)
+
+
+@settings(max_examples=300, database=None)
+@given(body=CANDLE_LIKE | JSON)
+def test_any_candle_answer_gives_bars_or_finnhub_error_and_each_bar_a_record_or_bad_answer(
+    body: Any,
+) -> None:
+    try:
+        bars = parse_candles("AAPL", body)
+    except FinnhubError as exc:
+        assert not exc.retriable
+        return
+    for bar in bars:
+        with contextlib.suppress(BadAnswer):
+            candle_record("AAPL", MINUTE, bar, 0.0)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        [1, 2],
+        {"s": "ok"},
+        {"s": "ok", "t": "ab", "o": "ab", "h": "ab", "l": "ab", "c": "ab", "v": "ab"},
+        {"s": "ok", "t": {"a": 1}, "o": {"a": 1}, "h": {}, "l": {}, "c": {}, "v": {}},
+        {"s": "ok", "t": [1], "o": [1], "h": [1], "l": [1], "c": [1], "v": []},
+        {"s": ["ok"]},
+    ],
+    ids=["list", "no-columns", "string-columns", "object-columns", "unequal", "s-list"],
+)
+async def test_candles_of_an_odd_shape_raise_finnhub_error(stub: Stub, body: Any) -> None:
+    stub.handler = answering(body)
+    async with client_for(stub.base_url) as client:
+        with pytest.raises(FinnhubError, match="candles for AAPL"):
+            await client.candles("AAPL", MINUTE, MINUTE, deadline=math.inf)
+
+
+async def test_candles_become_one_dict_per_bar(stub: Stub) -> None:
+    stub.handler = answering(
+        {"s": "ok", "t": [MINUTE], "o": [1.0], "h": [2.0], "l": [0.5], "c": [1.5], "v": [10]}
+    )
+    async with client_for(stub.base_url) as client:
+        bars = await client.candles("AAPL", MINUTE, MINUTE, deadline=math.inf)
+
+    assert bars == [{"t": MINUTE, "o": 1.0, "h": 2.0, "l": 0.5, "c": 1.5, "v": 10}]
