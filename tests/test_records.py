@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from finnstream.records import (
     BadAnswer,
+    NotAPrice,
     Record,
     candle_record,
     gap_record,
@@ -155,6 +156,44 @@ def test_finnhubs_unknown_symbol_answer_is_recognised() -> None:
     [QUOTE, {**QUOTE, "c": 0}, {**QUOTE, "t": 0}, {}, {"c": None, "t": None}],
 )
 def test_real_quotes_are_not_unknown(body: dict[str, Any]) -> None:
+    assert not is_unknown_symbol(body)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {**QUOTE, "c": -0.01},
+        {**QUOTE, "c": -351.73, "t": 0},
+        {**QUOTE, "c": 0, "t": 1_592_415_210},
+        {**QUOTE, "c": 0.0, "t": None},
+        {"c": 0},
+    ],
+    ids=["negative", "negative-t0", "zero-with-t", "zero-t-null", "zero-alone"],
+)
+def test_a_price_that_is_not_positive_is_not_a_price(body: dict[str, Any]) -> None:
+    assert not is_unknown_symbol(body)
+    with pytest.raises(NotAPrice, match="not a price"):
+        quote_record("AAPL", MINUTE, body, FETCHED)
+
+
+def test_not_a_price_is_a_bad_answer_the_cycle_can_tell_apart() -> None:
+    assert issubclass(NotAPrice, BadAnswer)
+    with pytest.raises(BadAnswer) as info:
+        quote_record("AAPL", MINUTE, {**QUOTE, "c": "x"}, FETCHED)
+    assert not isinstance(info.value, NotAPrice)  # malformed is not "not a price"
+    with pytest.raises(BadAnswer) as info:
+        quote_record("AAPL", MINUTE, {**QUOTE, "c": -1.0, "h": "x"}, FETCHED)
+    assert not isinstance(info.value, NotAPrice)  # checked only once the answer is well-formed
+
+
+@pytest.mark.parametrize("close", [0, 0.0, -1.5])
+def test_a_candle_whose_close_is_not_positive_is_not_a_price(close: float) -> None:
+    with pytest.raises(NotAPrice):
+        candle_record("MSFT", MINUTE, {"o": 1.0, "c": close, "v": 1, "t": MINUTE}, FETCHED)
+
+
+@pytest.mark.parametrize("body", [{"c": False, "t": False}, {"c": 0, "t": False}, "zero"])
+def test_only_numeric_zeros_are_the_unknown_symbol_answer(body: Any) -> None:
     assert not is_unknown_symbol(body)
 
 
