@@ -123,6 +123,7 @@ def test_backfill_end_before_start_exits_2(
         ("symbols: [AAPL, AAPL]\n", "symbols"),
         ("symbols: [AAPL]\nfinnhub: {requests_per_minute: 0}\n", "finnhub.requests_per_minute"),
         ("symbols: [AAPL]\nschedule: {cron: '61 * * * *'}\n", "schedule.cron"),
+        ("symbols: [AAPL]\nschedule: {cron: '* * 31 2 *'}\n", "schedule.cron"),
         ("symbols: [AAPL\n", "line 2"),
     ],
 )

@@ -276,6 +276,7 @@ def test_non_positive_rates_are_named(write: Write, section: str, key: str, valu
         ("* * *", "5"),
         ("* * * * * *", "5"),
         ("every minute", "cron"),
+        ("* * 31 2 *", "never fires"),
     ],
 )
 def test_bad_cron_is_named(write: Write, cron: str, hint: str) -> None:
