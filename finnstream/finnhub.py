@@ -1,18 +1,18 @@
-"""The Finnhub REST client: one aiohttp session, every request through the shared rate limiter.
+"""The Finnhub REST client: every request through the shared rate limiter and one transport.
 
 The token travels only in the `X-Finnhub-Token` header. Retries (timeouts, connection errors,
 5xx, 429) are declared with stamina, bounded by attempts and by the caller's deadline, and honour
-`Retry-After` / `X-Ratelimit-Reset`. A 401 triggers one re-read of the secret (rotation).
+`Retry-After` / `X-Ratelimit-Reset`. A 401 triggers one re-read of the secret (rotation). How a
+request goes over the wire is the transport's business (`finnstream.transport`: aiohttp unless
+one is injected); everything above stays here, the same with any transport.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import aiohttp
 import orjson
 import stamina
 import structlog
@@ -20,6 +20,7 @@ import structlog
 from finnstream.clock import SYSTEM_CLOCK, Clock
 from finnstream.errors import CandlesForbidden, FinnhubError, TokenRejected
 from finnstream.limiter import Priority, RateLimiter
+from finnstream.transport import AiohttpTransport, Answer, Transport
 
 log = structlog.get_logger("finnstream.finnhub")
 
@@ -32,14 +33,14 @@ RETRY_WAIT_MAX_S = 2.0
 TokenSource = Callable[[], Awaitable[str]]
 
 
-def _retry_after(resp: aiohttp.ClientResponse, wall_now: float) -> float | None:
-    header = resp.headers.get("Retry-After")
+def _retry_after(answer: Answer, wall_now: float) -> float | None:
+    header = answer.retry_after
     if header:
         try:
             return max(0.0, float(header))
         except ValueError:
             pass
-    reset = resp.headers.get("X-Ratelimit-Reset")
+    reset = answer.ratelimit_reset
     if reset:
         try:
             return max(0.0, float(reset) - wall_now)
@@ -83,7 +84,10 @@ class FinnhubClient:
         retries: int = 3,
         clock: Clock = SYSTEM_CLOCK,
         refresh_token: TokenSource | None = None,
+        transport: Transport | None = None,
     ) -> None:
+        """`transport`: how requests go over the wire; None: a pooled aiohttp session, opened
+        by `open()` and closed by `close()` (an injected transport is the caller's to manage)."""
         self._base = base_url.rstrip("/")
         self._token = token
         self._limiter = limiter
@@ -93,7 +97,10 @@ class FinnhubClient:
         self._refresh_token = refresh_token
         self._last_refresh = float("-inf")
         self._refresh_lock = asyncio.Lock()
-        self._session: aiohttp.ClientSession | None = None
+        self._own: AiohttpTransport | None = None
+        if transport is None:
+            transport = self._own = AiohttpTransport(MAX_CONNECTIONS)
+        self._transport = transport
         self.token_valid = True
 
     async def __aenter__(self) -> FinnhubClient:
@@ -104,16 +111,12 @@ class FinnhubClient:
         await self.close()
 
     def open(self) -> None:
-        if self._session is None:
-            connector = aiohttp.TCPConnector(limit=MAX_CONNECTIONS, ttl_dns_cache=300)
-            self._session = aiohttp.ClientSession(
-                connector=connector, json_serialize=lambda o: orjson.dumps(o).decode()
-            )
+        if self._own is not None:
+            self._own.open()
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._own is not None:
+            await self._own.close()
 
     async def quote(self, symbol: str, deadline: float) -> dict[str, Any]:
         """The /quote answer for `symbol`, retried until `deadline` (monotonic seconds).
@@ -209,8 +212,6 @@ class FinnhubClient:
         self, path: str, params: dict[str, str], deadline: float | None, priority: Priority
     ) -> Any:
         """One request through the limiter; `deadline` None: a full timeout whatever the hour."""
-        if self._session is None:
-            raise RuntimeError("FinnhubClient used before open()")
         await self._limiter.acquire(priority)
         remaining = self._timeout_s
         if deadline is not None:
@@ -220,31 +221,25 @@ class FinnhubClient:
                     f"GET {path} {params.get('symbol', '')}: no time left in its minute to retry",
                     retriable=False,
                 )
-        timeout = aiohttp.ClientTimeout(total=remaining)
         what = f"GET {path} {params.get('symbol', '')}".strip()
         try:
-            async with self._session.get(
-                self._base + path,
-                params=params,
-                timeout=timeout,
-                headers={TOKEN_HEADER: self._token},
-            ) as resp:
-                raw = await resp.read()
-                status = resp.status
-                retry_after = _retry_after(resp, time.time()) if status == 429 else None
+            answer = await self._transport(
+                self._base + path, params, {TOKEN_HEADER: self._token}, remaining
+            )
         except TimeoutError:
             raise FinnhubError(f"{what}: timed out", retriable=True) from None
-        except aiohttp.ClientError as exc:
-            raise FinnhubError(f"{what}: {type(exc).__name__}", retriable=True) from None
-        return self._parse(what, path, status, raw, retry_after)
+        except FinnhubError as exc:  # the transport's words, with what was asked
+            raise FinnhubError(
+                f"{what}: {exc}", retriable=exc.retriable, status=exc.status
+            ) from None
+        return self._parse(what, path, answer)
 
-    def _parse(
-        self, what: str, path: str, status: int, raw: bytes, retry_after: float | None
-    ) -> Any:
+    def _parse(self, what: str, path: str, answer: Answer) -> Any:
+        status = answer.status
         if status == 200:
             self.token_valid = True
             try:
-                return orjson.loads(raw)
+                return orjson.loads(answer.body)
             except orjson.JSONDecodeError:
                 raise FinnhubError(
                     f"{what}: answer is not JSON", retriable=True, status=status
@@ -257,6 +252,7 @@ class FinnhubClient:
                 "candles (premium only), so missing minutes cannot be refilled."
             )
         if status == 429:
+            retry_after = _retry_after(answer, self._clock.time())
             return self._raise(what, status, retriable=True, retry_after=retry_after)
         return self._raise(what, status, retriable=status >= 500)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
@@ -14,10 +14,12 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from finnstream.clock import FakeClock
 from finnstream.errors import FinnhubError
-from finnstream.finnhub import FinnhubClient, parse_candles
-from finnstream.limiter import RateLimiter
+from finnstream.finnhub import TOKEN_HEADER, FinnhubClient, parse_candles
+from finnstream.limiter import SECOND_GUARD, RateLimiter
 from finnstream.records import BadAnswer, candle_record
+from finnstream.transport import Answer
 
 TOKEN = "stub-token-0123456789"  # as long as a real one
 MINUTE = 1_718_634_600
@@ -145,3 +147,130 @@ async def test_candles_become_one_dict_per_bar(stub: Stub) -> None:
         bars = await client.candles("AAPL", MINUTE, MINUTE, deadline=math.inf)
 
     assert bars == [{"t": MINUTE, "o": 1.0, "h": 2.0, "l": 0.5, "c": 1.5, "v": 10}]
+
+
+# --- an injected transport: everything but the wire stays in the client ----------------------
+
+Step = Answer | BaseException | Callable[[Mapping[str, str]], Answer]
+
+
+class Scripted:
+    """A transport answering from a script, one step per request; it records every call."""
+
+    def __init__(self, *steps: Step) -> None:
+        self.steps = list(steps)
+        self.calls: list[tuple[str, dict[str, str], dict[str, str], float]] = []
+
+    async def __call__(
+        self, url: str, params: Mapping[str, str], headers: Mapping[str, str], timeout_s: float
+    ) -> Answer:
+        self.calls.append((url, dict(params), dict(headers), timeout_s))
+        step = self.steps.pop(0) if len(self.steps) > 1 else self.steps[0]
+        if isinstance(step, BaseException):
+            raise step
+        if callable(step):
+            return step(headers)
+        return step
+
+
+def quote_answer(price: float = 1.0) -> Answer:
+    return Answer(200, orjson.dumps({"c": price, "t": MINUTE}))
+
+
+def scripted_client(
+    transport: Scripted, clock: FakeClock | None = None, **kwargs: Any
+) -> FinnhubClient:
+    clock = clock or FakeClock()
+    kwargs.setdefault("retries", 3)
+    return FinnhubClient(
+        "https://finnhub.example/api/v1",
+        TOKEN,
+        RateLimiter(per_second=1, per_minute=100, clock=clock),
+        timeout_s=4.0,
+        clock=clock,
+        transport=transport,
+        **kwargs,
+    )
+
+
+async def test_requests_go_through_the_injected_transport_and_the_limiter() -> None:
+    clock = FakeClock()
+    transport = Scripted(quote_answer(2.5))
+    client = scripted_client(transport, clock)  # no open(): the transport is the caller's
+
+    first = await client.quote("AAPL", deadline=math.inf)
+    await client.quote("BRK.B", deadline=math.inf)
+    await client.close()
+
+    assert first == {"c": 2.5, "t": MINUTE}
+    assert transport.calls == [
+        ("https://finnhub.example/api/v1/quote", {"symbol": s}, {TOKEN_HEADER: TOKEN}, 4.0)
+        for s in ("AAPL", "BRK.B")
+    ]
+    assert clock.sleeps == pytest.approx([SECOND_GUARD])  # the second waited for the limiter
+
+
+async def test_retries_timeouts_connection_failures_and_5xx_run_the_same_with_any_transport() -> (
+    None
+):
+    transport = Scripted(
+        TimeoutError(),
+        FinnhubError("ClientConnectorError", retriable=True),
+        Answer(502, b"<html>bad gateway</html>"),
+        quote_answer(),
+    )
+
+    body = await scripted_client(transport).quote("AAPL", deadline=math.inf)
+
+    assert body == {"c": 1.0, "t": MINUTE}
+    assert len(transport.calls) == 4
+
+
+async def test_a_transport_failure_is_named_with_the_request() -> None:
+    transport = Scripted(FinnhubError("ClientConnectorError", retriable=True))
+
+    with pytest.raises(FinnhubError, match=r"^GET /quote AAPL: ClientConnectorError$") as info:
+        await scripted_client(transport, retries=0).quote("AAPL", deadline=math.inf)
+
+    assert info.value.retriable
+
+
+async def test_rate_limit_headers_come_from_the_answer_and_the_injected_clock() -> None:
+    clock = FakeClock(start=1_000.0)
+    retry = Scripted(Answer(429, b"{}", retry_after="2"))
+    reset = Scripted(Answer(429, b"{}", ratelimit_reset="1005"))
+
+    with pytest.raises(FinnhubError) as after:
+        await scripted_client(retry, clock, retries=0).quote("AAPL", deadline=math.inf)
+    with pytest.raises(FinnhubError) as until:
+        await scripted_client(reset, clock, retries=0).quote("AAPL", deadline=math.inf)
+
+    assert (after.value.status, after.value.retry_after) == (429, 2.0)
+    assert (until.value.status, until.value.retry_after) == (429, pytest.approx(5.0))
+
+
+async def test_a_401_rereads_the_secret_with_any_transport() -> None:
+    async def rotated() -> str:
+        return "new-token-0123456789"
+
+    def answer(headers: Mapping[str, str]) -> Answer:
+        return quote_answer() if headers[TOKEN_HEADER] == "new-token-0123456789" else Answer(401)
+
+    transport = Scripted(answer)
+
+    body = await scripted_client(transport, refresh_token=rotated).quote("AAPL", math.inf)
+
+    assert body == {"c": 1.0, "t": MINUTE}
+    assert [c[2][TOKEN_HEADER] for c in transport.calls] == [TOKEN, "new-token-0123456789"]
+
+
+async def test_the_default_transport_must_be_opened_and_closes_cleanly(stub: Stub) -> None:
+    client = client_for(stub.base_url)
+    with pytest.raises(RuntimeError, match="before open"):
+        await client.quote("AAPL", deadline=math.inf)
+
+    client.open()
+    client.open()  # idempotent
+    assert await client.quote("AAPL", deadline=math.inf) == {"c": 1.0, "t": MINUTE}
+    await client.close()
+    await client.close()  # idempotent
