@@ -5,6 +5,11 @@ The limiter, retries, the 401 refresh, parsing and deadlines stay in `FinnhubCli
 the same with any transport (a deterministic simulation passes its own). A transport raises
 `TimeoutError` when `timeout_s` runs out and `FinnhubError(retriable=True)` when the connection
 fails; everything else is an `Answer`, whatever its status.
+
+The aiohttp transport keeps the token with Finnhub: it follows a redirect only within the
+origin (scheme, host, port) of the URL it was asked for, at most `MAX_REDIRECTS` times, and
+refuses one to any other origin with a non-retriable error naming that origin (never the
+token, nor the path or query it pointed to).
 """
 
 from __future__ import annotations
@@ -14,8 +19,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
+from yarl import URL
 
 from finnstream.errors import FinnhubError
+
+MAX_REDIRECTS = 3  # same-origin redirects followed per request
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,10 +80,47 @@ class AiohttpTransport:
         params: Mapping[str, str],
         headers: Mapping[str, str],
     ) -> Answer:
-        async with session.get(url, params=params, headers=headers) as resp:
-            return Answer(
-                resp.status,
-                await resp.read(),
-                resp.headers.get("Retry-After"),
-                resp.headers.get("X-Ratelimit-Reset"),
-            )
+        target, home = URL(url), _origin(URL(url))
+        query: Mapping[str, str] | None = params
+        for _ in range(MAX_REDIRECTS + 1):
+            async with session.get(
+                target, params=query, headers=headers, allow_redirects=False
+            ) as resp:
+                location = resp.headers.get("Location")
+                if resp.status not in REDIRECT_STATUSES or not location:
+                    return Answer(
+                        resp.status,
+                        await resp.read(),
+                        resp.headers.get("Retry-After"),
+                        resp.headers.get("X-Ratelimit-Reset"),
+                    )
+                target, query = _redirect_target(resp.url, location, home, resp.status), None
+        raise FinnhubError(
+            f"more than {MAX_REDIRECTS} redirects; not followed further", retriable=False
+        )
+
+
+def _origin(url: URL) -> str:
+    """scheme://host:port, the port explicit (80 and 443 included): what a token may go to."""
+    return f"{url.scheme}://{url.host_subcomponent}:{url.port}"
+
+
+def _redirect_target(current: URL, location: str, home: str, status: int) -> URL:
+    """Where a redirect points, if that is within `home`; else a non-retriable FinnhubError."""
+    try:
+        target = current.join(URL(location))
+        origin = _origin(target)
+    except ValueError:
+        raise FinnhubError(
+            f"HTTP {status} redirect to an invalid location; not followed",
+            retriable=False,
+            status=status,
+        ) from None
+    if origin != home:
+        raise FinnhubError(
+            f"HTTP {status} redirect to another origin ({origin}); not followed, so the "
+            f"token never leaves {home}",
+            retriable=False,
+            status=status,
+        )
+    return target

@@ -19,7 +19,7 @@ from finnstream.errors import FinnhubError
 from finnstream.finnhub import TOKEN_HEADER, FinnhubClient, parse_candles
 from finnstream.limiter import SECOND_GUARD, RateLimiter
 from finnstream.records import BadAnswer, candle_record
-from finnstream.transport import Answer
+from finnstream.transport import MAX_REDIRECTS, Answer
 
 TOKEN = "stub-token-0123456789"  # as long as a real one
 MINUTE = 1_718_634_600
@@ -274,3 +274,79 @@ async def test_the_default_transport_must_be_opened_and_closes_cleanly(stub: Stu
     assert await client.quote("AAPL", deadline=math.inf) == {"c": 1.0, "t": MINUTE}
     await client.close()
     await client.close()  # idempotent
+
+
+# --- redirects: the token never leaves Finnhub's origin ---------------------------------------
+
+
+@pytest.fixture
+async def elsewhere() -> AsyncIterator[Stub]:
+    """A second server, on another origin, that records what reaches it."""
+    server = Stub()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def redirecting(location: str, status: int = 302) -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=status, headers={"Location": location})
+
+    return handler
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+async def test_a_redirect_to_another_origin_is_not_followed(
+    stub: Stub, elsewhere: Stub, status: int
+) -> None:
+    stub.handler = redirecting(f"{elsewhere.origin}/collect?token=leak-4711&symbol=AAPL", status)
+
+    async with client_for(stub.base_url, retries=3) as client:
+        with pytest.raises(FinnhubError) as info:
+            await client.quote("AAPL", deadline=math.inf)
+
+    assert elsewhere.requests == []  # nothing, and no token, reached the other origin
+    assert len(stub.requests) == 1  # and it is not retried
+    message = str(info.value)
+    assert f"another origin ({elsewhere.origin})" in message
+    assert TOKEN not in message and "leak-4711" not in message and "collect" not in message
+    assert not info.value.retriable
+
+
+async def test_a_redirect_to_another_port_or_scheme_of_the_same_host_is_another_origin(
+    stub: Stub,
+) -> None:
+    stub.handler = redirecting(f"https://127.0.0.1:{stub.port}/api/v1/quote?symbol=AAPL")
+
+    async with client_for(stub.base_url) as client:
+        with pytest.raises(
+            FinnhubError, match=rf"another origin \(https://127.0.0.1:{stub.port}\)"
+        ):
+            await client.quote("AAPL", deadline=math.inf)
+
+
+async def test_a_same_origin_redirect_is_followed_with_the_token(stub: Stub) -> None:
+    async def route(request: web.Request) -> web.StreamResponse:
+        if request.path == "/api/v1/quote":
+            return web.Response(status=307, headers={"Location": "/api/v2/quote?symbol=AAPL"})
+        return web.json_response({"c": 7.5, "t": MINUTE, "path": request.path})
+
+    stub.handler = route
+
+    async with client_for(stub.base_url) as client:
+        body = await client.quote("AAPL", deadline=math.inf)
+
+    assert body == {"c": 7.5, "t": MINUTE, "path": "/api/v2/quote"}
+    assert [r.headers.get(TOKEN_HEADER) for r in stub.requests] == [TOKEN, TOKEN]
+    assert stub.requests[1].query_string == "symbol=AAPL"
+
+
+async def test_same_origin_redirects_are_followed_a_few_times_only(stub: Stub) -> None:
+    stub.handler = redirecting("/api/v1/quote?symbol=AAPL")
+
+    async with client_for(stub.base_url, retries=3) as client:
+        with pytest.raises(FinnhubError, match=f"more than {MAX_REDIRECTS} redirects") as info:
+            await client.quote("AAPL", deadline=math.inf)
+
+    assert len(stub.requests) == MAX_REDIRECTS + 1
+    assert not info.value.retriable
