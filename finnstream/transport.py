@@ -9,7 +9,9 @@ fails; everything else is an `Answer`, whatever its status.
 The aiohttp transport keeps the token with Finnhub: it follows a redirect only within the
 origin (scheme, host, port) of the URL it was asked for, at most `MAX_REDIRECTS` times, and
 refuses one to any other origin with a non-retriable error naming that origin (never the
-token, nor the path or query it pointed to).
+token, nor the path or query it pointed to). It reads at most `MAX_BODY_BYTES` of an answer:
+a larger Content-Length is refused before reading, and a chunked or compressed body is read in
+bounded chunks and refused once it grows past the cap.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from yarl import URL
 from finnstream.errors import FinnhubError
 
 MAX_REDIRECTS = 3  # same-origin redirects followed per request
+MAX_BODY_BYTES = 4 * 1024 * 1024  # a day of 1-minute candles is about 100 KB
+READ_CHUNK_BYTES = 64 * 1024
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
 
@@ -90,7 +94,7 @@ class AiohttpTransport:
                 if resp.status not in REDIRECT_STATUSES or not location:
                     return Answer(
                         resp.status,
-                        await resp.read(),
+                        await _read_capped(resp),
                         resp.headers.get("Retry-After"),
                         resp.headers.get("X-Ratelimit-Reset"),
                     )
@@ -98,6 +102,32 @@ class AiohttpTransport:
         raise FinnhubError(
             f"more than {MAX_REDIRECTS} redirects; not followed further", retriable=False
         )
+
+
+async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
+    """The body, decoded, if it is at most `MAX_BODY_BYTES`; else a non-retriable FinnhubError."""
+    declared = resp.content_length
+    if declared is not None and declared > MAX_BODY_BYTES:
+        resp.close()  # drop the connection rather than read what will not be used
+        raise _too_large(resp.status, f"Content-Length {declared}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_chunked(READ_CHUNK_BYTES):
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            resp.close()
+            raise _too_large(resp.status, f"more than {MAX_BODY_BYTES} bytes read")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(status: int, detail: str) -> FinnhubError:
+    return FinnhubError(
+        f"HTTP {status} answer larger than the {MAX_BODY_BYTES // (1024 * 1024)} MiB cap "
+        f"({detail}); not read",
+        retriable=False,
+        status=status,
+    )
 
 
 def _origin(url: URL) -> str:

@@ -3,7 +3,9 @@ token rotation and deadlines. End-to-end behaviour with the simulator is in test
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import gzip
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
@@ -19,7 +21,7 @@ from finnstream.errors import FinnhubError
 from finnstream.finnhub import TOKEN_HEADER, FinnhubClient, parse_candles
 from finnstream.limiter import SECOND_GUARD, RateLimiter
 from finnstream.records import BadAnswer, candle_record
-from finnstream.transport import MAX_REDIRECTS, Answer
+from finnstream.transport import MAX_BODY_BYTES, MAX_REDIRECTS, Answer
 
 TOKEN = "stub-token-0123456789"  # as long as a real one
 MINUTE = 1_718_634_600
@@ -47,7 +49,9 @@ class Stub:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_route("GET", "/{tail:.*}", self._serve)
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = web.AppRunner(
+            app, access_log=None, handler_cancellation=True, shutdown_timeout=0.5
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
@@ -350,3 +354,74 @@ async def test_same_origin_redirects_are_followed_a_few_times_only(stub: Stub) -
 
     assert len(stub.requests) == MAX_REDIRECTS + 1
     assert not info.value.retriable
+
+
+# --- the body is capped -----------------------------------------------------------------------
+
+
+def padded_quote(size: int) -> bytes:
+    """A valid quote answer of exactly `size` bytes."""
+    head, tail = b'{"c":1.0,"t":1718634600,"pad":"', b'"}'
+    return head + b"x" * (size - len(head) - len(tail)) + tail
+
+
+async def test_an_answer_declaring_more_than_the_cap_is_refused_before_reading(
+    stub: Stub,
+) -> None:
+    async def endless(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.content_length = 10 * 1024**3  # 10 GiB promised; a trickle, then nothing
+        await resp.prepare(request)
+        await resp.write(b'{"c": 1.0, "pad": "')
+        await asyncio.sleep(30)
+        return resp
+
+    stub.handler = endless
+
+    async with client_for(stub.base_url, timeout_s=10.0, retries=3) as client:
+        with pytest.raises(FinnhubError, match="larger than the 4 MiB cap") as info:
+            await asyncio.wait_for(client.quote("AAPL", deadline=math.inf), timeout=5.0)
+
+    assert "Content-Length 10737418240" in str(info.value)
+    assert not info.value.retriable and len(stub.requests) == 1
+
+
+@pytest.mark.parametrize("encoding", ["chunked", "gzip"])
+async def test_a_chunked_or_compressed_answer_past_the_cap_is_refused(
+    stub: Stub, encoding: str
+) -> None:
+    body = padded_quote(MAX_BODY_BYTES + 1)  # valid JSON: only its size is wrong
+
+    async def large(request: web.Request) -> web.StreamResponse:
+        if encoding == "gzip":
+            packed = gzip.compress(body)
+            assert len(packed) < MAX_BODY_BYTES // 100  # the header alone would let it through
+            return web.Response(
+                body=packed,
+                headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+            )
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            for at in range(0, len(body), 256 * 1024):
+                await resp.write(body[at : at + 256 * 1024])
+            await resp.write_eof()
+        return resp
+
+    stub.handler = large
+
+    async with client_for(stub.base_url) as client:
+        with pytest.raises(FinnhubError, match="larger than the 4 MiB cap") as info:
+            await client.quote("AAPL", deadline=math.inf)
+
+    assert not info.value.retriable
+
+
+async def test_an_answer_up_to_the_cap_is_read_whole(stub: Stub) -> None:
+    stub.handler = answering(padded_quote(MAX_BODY_BYTES))
+
+    async with client_for(stub.base_url) as client:
+        body = await client.quote("AAPL", deadline=math.inf)
+
+    assert body["c"] == 1.0 and len(body["pad"]) > MAX_BODY_BYTES - 64
