@@ -33,6 +33,14 @@ RETRY_WAIT_MAX_S = 2.0
 TokenSource = Callable[[], Awaitable[str]]
 
 
+class _Unauthorized(FinnhubError):
+    """A 401; `generation` says which token it refused (see `FinnhubClient._try_refresh`)."""
+
+    def __init__(self, message: str, *, generation: int) -> None:
+        super().__init__(message, retriable=False, status=401)
+        self.generation = generation
+
+
 def _retry_after(answer: Answer, wall_now: float) -> float | None:
     header = answer.retry_after
     if header:
@@ -96,6 +104,7 @@ class FinnhubClient:
         self._clock = clock
         self._refresh_token = refresh_token
         self._last_refresh = float("-inf")
+        self._generation = 0  # how many times the token was replaced
         self._refresh_lock = asyncio.Lock()
         self._own: AiohttpTransport | None = None
         if transport is None:
@@ -203,8 +212,8 @@ class FinnhubClient:
         """`_get`, re-reading a rotated secret once on 401 (the retry gets a full timeout)."""
         try:
             return await self._get(path, params, deadline, priority)
-        except FinnhubError as exc:
-            if exc.status == 401 and refresh and await self._try_refresh():
+        except _Unauthorized as exc:
+            if refresh and await self._try_refresh(exc.generation):
                 return await self._get(path, params, None, priority)
             raise
 
@@ -222,9 +231,10 @@ class FinnhubClient:
                     retriable=False,
                 )
         what = f"GET {path} {params.get('symbol', '')}".strip()
+        token, generation = self._token, self._generation
         try:
             answer = await self._transport(
-                self._base + path, params, {TOKEN_HEADER: self._token}, remaining
+                self._base + path, params, {TOKEN_HEADER: token}, remaining
             )
         except TimeoutError:
             raise FinnhubError(f"{what}: timed out", retriable=True) from None
@@ -232,9 +242,9 @@ class FinnhubClient:
             raise FinnhubError(
                 f"{what}: {exc}", retriable=exc.retriable, status=exc.status
             ) from None
-        return self._parse(what, path, answer)
+        return self._parse(what, path, answer, generation)
 
-    def _parse(self, what: str, path: str, answer: Answer) -> Any:
+    def _parse(self, what: str, path: str, answer: Answer, generation: int) -> Any:
         status = answer.status
         if status == 200:
             self.token_valid = True
@@ -245,7 +255,7 @@ class FinnhubClient:
                     f"{what}: answer is not JSON", retriable=True, status=status
                 ) from None
         if status == 401:
-            raise FinnhubError(f"{what}: token rejected (401)", retriable=False, status=status)
+            raise _Unauthorized(f"{what}: token rejected (401)", generation=generation)
         if status == 403 and path == "/stock/candle":
             raise CandlesForbidden(
                 "Finnhub answered 403 to /stock/candle: this API key's plan has no access to "
@@ -262,32 +272,44 @@ class FinnhubClient:
             f"{what}: HTTP {status}", retriable=retriable, status=status, retry_after=retry_after
         )
 
-    async def _try_refresh(self) -> bool:
-        """Re-read the secret once (at most once a minute); True if the token changed."""
+    async def _try_refresh(self, refused: int) -> bool:
+        """True if the token has changed since generation `refused` was sent: try again with it.
+
+        A request that finds the token already replaced (by a request refused before it, while
+        it was in flight or waiting for the lock) retries with the new one. Otherwise the secret
+        is re-read, at most once a minute.
+        """
+        if self._generation != refused:
+            return True
         if self._refresh_token is None:
             self.token_valid = False
             return False
         async with self._refresh_lock:
-            now = self._clock.monotonic()
-            if now - self._last_refresh < REFRESH_EVERY_S:
-                self.token_valid = False
-                return False
-            self._last_refresh = now
-            try:
-                new = await self._refresh_token()
-            except Exception as exc:  # noqa: BLE001 - any failure to re-read is reported, not raised
-                log.error("finnhub.token_refresh_failed", error=str(exc))
-                self.token_valid = False
-                return False
-            if new == self._token:
-                self.token_valid = False
-                log.error(
-                    "finnhub.token_rejected",
-                    action="put a valid token in the secret; "
-                    "finnstream re-reads it at most once a minute on 401",
-                )
-                return False
-            self._token = new
-            self.token_valid = True
-            log.warning("finnhub.token_rotated")
-            return True
+            return self._generation != refused or await self._reread(self._refresh_token)
+
+    async def _reread(self, source: TokenSource) -> bool:
+        """Re-read the secret (at most once a minute); True if it holds a new token."""
+        now = self._clock.monotonic()
+        if now - self._last_refresh < REFRESH_EVERY_S:
+            self.token_valid = False
+            return False
+        self._last_refresh = now
+        try:
+            new = await source()
+        except Exception as exc:  # noqa: BLE001 - any failure to re-read is reported, not raised
+            log.error("finnhub.token_refresh_failed", error=str(exc))
+            self.token_valid = False
+            return False
+        if new == self._token:
+            self.token_valid = False
+            log.error(
+                "finnhub.token_rejected",
+                action="put a valid token in the secret; "
+                "finnstream re-reads it at most once a minute on 401",
+            )
+            return False
+        self._token = new
+        self._generation += 1
+        self.token_valid = True
+        log.warning("finnhub.token_rotated")
+        return True

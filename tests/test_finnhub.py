@@ -15,12 +15,14 @@ import pytest
 from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from finnstream.clock import FakeClock
 from finnstream.errors import FinnhubError
 from finnstream.finnhub import TOKEN_HEADER, FinnhubClient, parse_candles
 from finnstream.limiter import SECOND_GUARD, RateLimiter
 from finnstream.records import BadAnswer, candle_record
+from finnstream.simulator import Simulator, SimulatorSettings
 from finnstream.transport import MAX_BODY_BYTES, MAX_REDIRECTS, Answer
 
 TOKEN = "stub-token-0123456789"  # as long as a real one
@@ -425,3 +427,75 @@ async def test_an_answer_up_to_the_cap_is_read_whole(stub: Stub) -> None:
         body = await client.quote("AAPL", deadline=math.inf)
 
     assert body["c"] == 1.0 and len(body["pad"]) > MAX_BODY_BYTES - 64
+
+
+# --- token rotation: quotes refused with the old token retry with the new one -----------------
+
+ROTATED = "rotated-token-0123456"
+
+
+class Secret:
+    """A secret whose re-read takes a while (so refused quotes queue behind it); counts reads."""
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+        self.reads = 0
+
+    async def read(self) -> str:
+        self.reads += 1
+        await asyncio.sleep(0.05)
+        return self.value
+
+
+async def test_concurrent_quotes_refused_with_the_old_token_all_retry_with_the_new_one() -> None:
+    symbols = ["AAPL", "MSFT", "AMZN", "NVDA", "META", "TSLA", "GOOGL", "JPM"]
+    secret = Secret(ROTATED)
+    async with Simulator(SimulatorSettings(tokens=frozenset({ROTATED}))) as sim:
+        client = FinnhubClient(
+            sim.url,
+            TOKEN,  # the secret was rotated before this process read it again
+            RateLimiter(per_second=1000, per_minute=100_000),
+            timeout_s=2.0,
+            retries=0,
+            refresh_token=secret.read,
+        )
+        async with client:
+            with capture_logs() as logs:
+                bodies = await asyncio.gather(*(client.quote(s, math.inf) for s in symbols))
+
+    served = {symbol: body for symbol, _, body in sim.stats.served}
+    assert bodies == [served[s] for s in symbols]
+    assert secret.reads == 1  # one re-read, however many quotes were refused
+    assert client.token_valid
+    assert [e["event"] for e in logs] == ["finnhub.token_rotated"]
+    assert sim.stats.by_status[401] == len(symbols)  # each was refused once, then served
+    assert sim.stats.by_status[200] == len(symbols)
+
+
+async def test_a_quote_refused_after_the_rotation_retries_without_reading_again() -> None:
+    secret = Secret(ROTATED)
+
+    def answer(headers: Mapping[str, str]) -> Answer:
+        return quote_answer() if headers[TOKEN_HEADER] == ROTATED else Answer(401)
+
+    transport = Scripted(answer)
+    client = scripted_client(transport, refresh_token=secret.read)
+    old = client._generation  # a request sent before the rotation, refused after it
+    await client.quote("AAPL", math.inf)  # refused, re-reads, rotates
+
+    assert await client._try_refresh(old) is True
+    assert secret.reads == 1
+
+
+async def test_a_dead_token_still_fails_and_is_read_at_most_once_a_minute() -> None:
+    secret = Secret(TOKEN)  # the secret still holds the refused token
+    transport = Scripted(Answer(401))
+    client = scripted_client(transport, refresh_token=secret.read, retries=0)
+
+    results = await asyncio.gather(
+        *(client.quote(s, math.inf) for s in ("AAPL", "MSFT", "AMZN")), return_exceptions=True
+    )
+
+    assert all(isinstance(r, FinnhubError) and r.status == 401 for r in results)
+    assert secret.reads == 1
+    assert not client.token_valid
