@@ -18,7 +18,7 @@ import stamina
 import structlog
 
 from finnstream.clock import SYSTEM_CLOCK, Clock
-from finnstream.errors import CandlesForbidden, FinnhubError, TokenRejected
+from finnstream.errors import CandlesForbidden, DeadlinePassed, FinnhubError, TokenRejected
 from finnstream.limiter import Priority, RateLimiter
 from finnstream.transport import AiohttpTransport, Answer, Transport
 
@@ -130,8 +130,11 @@ class FinnhubClient:
     async def quote(self, symbol: str, deadline: float) -> dict[str, Any]:
         """The /quote answer for `symbol`, retried until `deadline` (monotonic seconds).
 
-        The first attempt is always made, with its full timeout, even when the limiter started it
-        after the deadline (a symbol list longer than a minute's pace); retries never are.
+        No attempt, the first included, starts at or after `deadline`: when the limiter cannot
+        start the first one before it (a symbol list longer than a minute's pace), the quote is
+        not requested and `DeadlinePassed` says its minute ran out; when a retry cannot start,
+        the last attempt's error is raised. Every attempt that starts gets the full `timeout_s`
+        (a slow answer keeps its minute).
         """
         body = await self._get_retrying("/quote", {"symbol": symbol}, deadline, Priority.QUOTE)
         if not isinstance(body, dict):
@@ -141,7 +144,11 @@ class FinnhubClient:
     async def candles(
         self, symbol: str, first: int, last: int, deadline: float
     ) -> list[dict[str, Any]]:
-        """1-minute bars for minutes in [first, last]; [] for `no_data`; 403: CandlesForbidden."""
+        """1-minute bars for minutes in [first, last]; [] for `no_data`; 403: CandlesForbidden.
+
+        `deadline` as for `quote`: no attempt starts at or after it (`DeadlinePassed` when the
+        first cannot, including while quotes hold it back).
+        """
         params = {"symbol": symbol, "resolution": "1", "from": str(first), "to": str(last + 59)}
         body = await self._get_retrying("/stock/candle", params, deadline, Priority.BACKGROUND)
         return parse_candles(symbol, body)
@@ -181,60 +188,72 @@ class FinnhubClient:
             return True
 
         try:  # the first attempt skips the retry machinery: most requests need nothing more
-            return await self._get_refreshing(path, params, None, priority, refresh=refresh)
+            return await self._get_refreshing(path, params, deadline, priority, refresh=refresh)
         except FinnhubError as exc:
             if backoff(exc) is False:
                 raise
-            first = exc
+            last = exc
         timeout = max(0.001, deadline - self._clock.monotonic())
-        async for attempt in stamina.retry_context(
-            on=backoff,
-            attempts=self._retries + 1,
-            timeout=timeout,
-            wait_initial=RETRY_WAIT_INITIAL_S,
-            wait_max=RETRY_WAIT_MAX_S,
-        ):
-            with attempt:
-                if attempt.num == 1:
-                    raise first  # stamina counts it and waits as for any failed attempt
-                return await self._get_refreshing(path, params, deadline, priority, refresh=refresh)
+        try:
+            async for attempt in stamina.retry_context(
+                on=backoff,
+                attempts=self._retries + 1,
+                timeout=timeout,
+                wait_initial=RETRY_WAIT_INITIAL_S,
+                wait_max=RETRY_WAIT_MAX_S,
+            ):
+                with attempt:
+                    if attempt.num == 1:
+                        raise last  # stamina counts it and waits as for any failed attempt
+                    try:
+                        return await self._get_refreshing(
+                            path, params, deadline, priority, refresh=refresh
+                        )
+                    except DeadlinePassed:
+                        raise
+                    except FinnhubError as exc:
+                        last = exc
+                        raise
+        except DeadlinePassed:  # a retry could not start in time: the last attempt says why
+            raise last from None
         raise AssertionError("unreachable: stamina re-raises the last error")  # pragma: no cover
 
     async def _get_refreshing(
         self,
         path: str,
         params: dict[str, str],
-        deadline: float | None,
+        deadline: float,
         priority: Priority,
         *,
         refresh: bool,
     ) -> Any:
-        """`_get`, re-reading a rotated secret once on 401 (the retry gets a full timeout)."""
+        """`_get`, re-reading a rotated secret once on 401 and trying once more with it."""
         try:
             return await self._get(path, params, deadline, priority)
         except _Unauthorized as exc:
-            if refresh and await self._try_refresh(exc.generation):
-                return await self._get(path, params, None, priority)
-            raise
+            if not (refresh and await self._try_refresh(exc.generation)):
+                raise
+            try:
+                return await self._get(path, params, deadline, priority)
+            except DeadlinePassed:
+                raise exc from None  # it was requested: the 401 is why it has no answer
 
     async def _get(
-        self, path: str, params: dict[str, str], deadline: float | None, priority: Priority
+        self, path: str, params: dict[str, str], deadline: float, priority: Priority
     ) -> Any:
-        """One request through the limiter; `deadline` None: a full timeout whatever the hour."""
-        await self._limiter.acquire(priority)
-        remaining = self._timeout_s
-        if deadline is not None:
-            remaining = min(remaining, deadline - self._clock.monotonic())
-            if remaining <= 0:
-                raise FinnhubError(
-                    f"GET {path} {params.get('symbol', '')}: no time left in its minute to retry",
-                    retriable=False,
-                )
+        """One request through the limiter, started before `deadline`, with a full timeout."""
         what = f"GET {path} {params.get('symbol', '')}".strip()
+        try:
+            await self._limiter.acquire(priority, deadline=deadline)
+        except DeadlinePassed as exc:
+            ran_out = "the quote's minute" if path == "/quote" else "its time"
+            raise DeadlinePassed(
+                f"{what}: {ran_out} ran out before it could be requested: {exc}"
+            ) from None
         token, generation = self._token, self._generation
         try:
             answer = await self._transport(
-                self._base + path, params, {TOKEN_HEADER: token}, remaining
+                self._base + path, params, {TOKEN_HEADER: token}, self._timeout_s
             )
         except TimeoutError:
             raise FinnhubError(f"{what}: timed out", retriable=True) from None

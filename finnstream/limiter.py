@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Iterator
 
 from finnstream.clock import SYSTEM_CLOCK, Clock, unless
-from finnstream.errors import FinnstreamError
+from finnstream.errors import DeadlinePassed, FinnstreamError
 
 SECOND_GUARD = 1.02  # pace as if a second were 2% longer: room for jitter on the way to Finnhub
 MINUTE_GUARD_S = 0.2  # a start leaves the minute window 0.2 s after Finnhub would let it go
@@ -127,11 +127,15 @@ class RateLimiter:
         now = self._clock.monotonic()
         return self._earliest(now) - now
 
-    async def acquire(self, priority: Priority = Priority.QUOTE) -> float:
+    async def acquire(
+        self, priority: Priority = Priority.QUOTE, *, deadline: float | None = None
+    ) -> float:
         """Wait for a start slot; returns how long the caller waited. Raises `LimiterClosed`.
 
         The start is recorded when the caller really goes, not when it was planned: after an
         event-loop stall, the callers behind it are spaced from the late start, never bunched.
+        `deadline` (monotonic): when the slot would start at or after it, raise `DeadlinePassed`
+        at once, without waiting and without taking the slot (nor when a late wake-up reaches it).
         """
         if priority is Priority.BACKGROUND:
             while not self._quotes_idle.is_set():
@@ -142,9 +146,17 @@ class RateLimiter:
                 raise LimiterClosed("stopping: no new requests")
             now = self._clock.monotonic()
             start = self._earliest(now)
+            if deadline is not None and start >= deadline:
+                raise DeadlinePassed(
+                    f"the first free start is {start - deadline:.3f} s past the deadline"
+                )
             if start > now:
                 await self._sleep_unless_closed(start - now)
             went = self._clock.monotonic()
+            if deadline is not None and went >= deadline:
+                raise DeadlinePassed(
+                    f"the wait for a start ended {went - deadline:.3f} s past the deadline"
+                )
             self._record(start if went - start <= OVERSHOOT_S else went)
         return self._clock.monotonic() - asked
 

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from finnstream.clock import FakeClock
-from finnstream.errors import FinnhubError
+from finnstream.errors import DeadlinePassed, FinnhubError
 from finnstream.finnhub import TOKEN_HEADER, FinnhubClient, parse_candles
 from finnstream.limiter import SECOND_GUARD, RateLimiter
 from finnstream.records import BadAnswer, candle_record
@@ -184,14 +184,14 @@ def quote_answer(price: float = 1.0) -> Answer:
 
 
 def scripted_client(
-    transport: Scripted, clock: FakeClock | None = None, **kwargs: Any
+    transport: Scripted, clock: FakeClock | None = None, per_second: int = 1, **kwargs: Any
 ) -> FinnhubClient:
     clock = clock or FakeClock()
     kwargs.setdefault("retries", 3)
     return FinnhubClient(
         "https://finnhub.example/api/v1",
         TOKEN,
-        RateLimiter(per_second=1, per_minute=100, clock=clock),
+        RateLimiter(per_second=per_second, per_minute=100, clock=clock),
         timeout_s=4.0,
         clock=clock,
         transport=transport,
@@ -499,3 +499,89 @@ async def test_a_dead_token_still_fails_and_is_read_at_most_once_a_minute() -> N
     assert all(isinstance(r, FinnhubError) and r.status == 401 for r in results)
     assert secret.reads == 1
     assert not client.token_valid
+
+
+# --- deadlines: no attempt starts at or after it; every attempt that starts has its timeout ---
+
+
+def paced_client(transport: Scripted, clock: FakeClock, **kwargs: Any) -> FinnhubClient:
+    """A client on a limiter of 2 starts a minute (10 a second): the third waits past 60 s."""
+    return FinnhubClient(
+        "https://finnhub.example/api/v1",
+        TOKEN,
+        RateLimiter(per_second=10, per_minute=2, clock=clock),
+        timeout_s=4.0,
+        retries=3,
+        clock=clock,
+        transport=transport,
+        **kwargs,
+    )
+
+
+async def test_a_quote_the_limiter_cannot_start_before_its_deadline_is_not_requested() -> None:
+    clock = FakeClock()
+    transport = Scripted(quote_answer())
+    client = paced_client(transport, clock)
+    deadline = clock.monotonic() + 58.0  # the cycle's retry window
+
+    results = await asyncio.gather(
+        *(client.quote(s, deadline) for s in ("AAPL", "MSFT", "AMZN", "NVDA")),
+        return_exceptions=True,
+    )
+
+    assert results[:2] == [{"c": 1.0, "t": MINUTE}] * 2
+    for late in results[2:]:
+        assert isinstance(late, DeadlinePassed) and isinstance(late, FinnhubError)
+        assert "the quote's minute ran out before it could be requested" in str(late)
+        assert not late.retriable
+    assert [c[1]["symbol"] for c in transport.calls] == ["AAPL", "MSFT"]  # never sent
+    assert clock.monotonic() < 1.0  # and nobody waited for the next minute's slots
+
+
+async def test_a_start_exactly_at_the_deadline_is_too_late() -> None:
+    clock = FakeClock()
+    transport = Scripted(quote_answer())
+    client = paced_client(transport, clock)
+
+    await client.quote("AAPL", deadline=58.0)
+    with pytest.raises(DeadlinePassed):
+        await client.quote("MSFT", deadline=SECOND_GUARD / 10)  # its slot starts at the deadline
+
+    assert len(transport.calls) == 1
+
+
+async def test_every_attempt_that_starts_gets_the_full_timeout_even_near_the_deadline() -> None:
+    clock = FakeClock()
+    transport = Scripted(TimeoutError(), Answer(503), quote_answer())
+    client = scripted_client(transport, clock, per_second=100)
+
+    body = await client.quote("AAPL", deadline=clock.monotonic() + 0.5)
+
+    assert body == {"c": 1.0, "t": MINUTE}
+    assert [c[3] for c in transport.calls] == [4.0, 4.0, 4.0]  # never cut to the deadline
+
+
+async def test_a_retry_that_cannot_start_in_time_raises_the_last_failure() -> None:
+    clock = FakeClock()
+    transport = Scripted(Answer(502))
+    client = paced_client(transport, clock)
+
+    with pytest.raises(FinnhubError) as info:
+        await client.quote("AAPL", deadline=58.0)  # 2 attempts fit the minute's window
+
+    assert not isinstance(info.value, DeadlinePassed)  # it was requested: HTTP 502 says why
+    assert str(info.value) == "GET /quote AAPL: HTTP 502"
+    assert len(transport.calls) == 2
+
+
+async def test_candles_keep_the_same_deadline_rule() -> None:
+    clock = FakeClock()
+    transport = Scripted(Answer(200, orjson.dumps({"s": "no_data"})))
+    client = paced_client(transport, clock)
+    await client.quote("AAPL", 58.0)
+    await client.quote("MSFT", 58.0)
+
+    with pytest.raises(DeadlinePassed, match="ran out before it could be requested"):
+        await client.candles("AAPL", MINUTE, MINUTE, deadline=30.0)
+
+    assert len(transport.calls) == 2

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from finnstream.clock import FakeClock
 from finnstream.config import FinnhubConfig, minute_capacity
+from finnstream.errors import DeadlinePassed
 from finnstream.limiter import (
     CYCLE_START_WINDOW_S,
     MINUTE_GUARD_S,
@@ -387,3 +388,45 @@ def test_capacity_figures(per_second: int, per_minute: int, fits: int) -> None:
 
 def test_nothing_fits_one_request_a_minute() -> None:
     assert capacity(30, 1) == 0  # one symbol would start 0.2 s later every minute
+
+
+# --- deadlines: no start at or after it ------------------------------------------------------
+
+
+async def test_a_start_at_or_after_the_deadline_is_refused_at_once_and_not_taken() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(per_second=10, per_minute=2, clock=clock)
+    await acquire_starts(limiter, clock, 2)  # the window is full until 60.2
+
+    with pytest.raises(DeadlinePassed, match="past the deadline"):
+        await limiter.acquire(deadline=58.0)
+    with pytest.raises(DeadlinePassed):
+        await limiter.acquire(deadline=60 + MINUTE_GUARD_S)  # "at" counts as after
+
+    assert clock.monotonic() == pytest.approx(SECOND_GUARD / 10)  # nobody waited
+    await limiter.acquire(deadline=61.0)  # the slot refused twice is still free
+    assert clock.monotonic() == pytest.approx(60 + MINUTE_GUARD_S)
+
+
+class LateClock(FakeClock):
+    """A FakeClock whose sleeps overshoot by `late` seconds (a stalled event loop)."""
+
+    def __init__(self, late: float) -> None:
+        super().__init__()
+        self.late = late
+
+    async def sleep(self, seconds: float) -> None:
+        await super().sleep(seconds + self.late)
+
+
+async def test_a_wake_up_past_the_deadline_does_not_start_either() -> None:
+    clock = LateClock(late=1.0)
+    limiter = RateLimiter(per_second=1, per_minute=100, clock=clock)
+    await limiter.acquire()
+
+    with pytest.raises(DeadlinePassed, match="wait for a start ended"):
+        await limiter.acquire(deadline=1.5)  # planned at 1.02, woken at 2.02
+
+    clock.late = 0.0
+    await limiter.acquire()
+    assert clock.monotonic() == pytest.approx(2.02)  # the refused start was not recorded
