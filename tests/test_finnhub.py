@@ -71,13 +71,18 @@ class Stub:
     def base_url(self) -> str:
         return f"{self.origin}/api/v1"
 
+    async def __aenter__(self) -> Stub:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
 
 @pytest.fixture
 async def stub() -> AsyncIterator[Stub]:
-    server = Stub()
-    await server.start()
-    yield server
-    await server.stop()
+    async with Stub() as server:
+        yield server
 
 
 def answering(body: Any, status: int = 200) -> Handler:
@@ -288,10 +293,8 @@ async def test_the_default_transport_must_be_opened_and_closes_cleanly(stub: Stu
 @pytest.fixture
 async def elsewhere() -> AsyncIterator[Stub]:
     """A second server, on another origin, that records what reaches it."""
-    server = Stub()
-    await server.start()
-    yield server
-    await server.stop()
+    async with Stub() as server:
+        yield server
 
 
 def redirecting(location: str, status: int = 302) -> Handler:
