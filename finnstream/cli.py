@@ -21,6 +21,7 @@ import yaml
 from finnstream import __version__
 from finnstream.config import Config, load_config, minute_capacity, shard_symbols
 from finnstream.errors import EXIT_UNDELIVERED, ConfigError, FinnstreamError
+from finnstream.limiter import CYCLE_START_WINDOW_S
 from finnstream.logs import configure_logging, scrub
 
 log = structlog.get_logger("finnstream.cli")
@@ -193,13 +194,17 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     )
     fits = len(mine) <= capacity
     print(
-        f"# pace: {capacity} requests fit in a minute at {cfg.finnhub.requests_per_second}/s and "
-        f"{cfg.finnhub.requests_per_minute}/min: {'fits' if fits else 'DOES NOT FIT'}"
+        f"# pace: {capacity} symbols fit a minute at {cfg.finnhub.requests_per_second}/s and "
+        f"{cfg.finnhub.requests_per_minute}/min (every request started within "
+        f"{CYCLE_START_WINDOW_S:g} s of its tick, cycle after cycle): "
+        f"{'fits' if fits else 'DOES NOT FIT'}"
     )
     if not fits:
         print(
-            f"warning: {len(mine)} symbols need {len(mine) / capacity:.1f} minutes per cycle at "
-            f"this pace; raise the plan's limits or split the symbols across shards (shard.count)",
+            f"warning: {len(mine)} symbols do not fit: at most {capacity} can be requested every "
+            f"minute at this pace without cycles starting later and later, and a quote that cannot "
+            f"start within its minute is not requested (its minute becomes a gap); raise the "
+            f"plan's limits or split the symbols across shards (shard.count)",
             file=sys.stderr,
         )
     return 0

@@ -7,7 +7,6 @@ Every model is frozen and forbids unknown keys, so a typo is an error, never a s
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -145,11 +144,12 @@ class Config(_Section):
 
 
 def minute_capacity(cfg: FinnhubConfig) -> int:
-    """How many requests fit in one minute at the configured pace."""
-    from finnstream.limiter import effective_rates  # noqa: PLC0415
+    """How many symbols fit a minute: the largest N whose cycle, every minute, starts all its
+    requests within `limiter.CYCLE_START_WINDOW_S` of the tick without drifting
+    (`limiter.capacity`; at most requests_per_minute - 1). 0 when nothing fits."""
+    from finnstream.limiter import capacity  # noqa: PLC0415
 
-    per_second, per_minute = effective_rates(cfg.requests_per_second, cfg.requests_per_minute)
-    return min(per_minute, math.floor(per_second * 60))
+    return capacity(cfg.requests_per_second, cfg.requests_per_minute)
 
 
 def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:

@@ -68,6 +68,17 @@ class FinnhubError(FinnstreamError):
         self.retry_after = retry_after
 
 
+class DeadlinePassed(FinnhubError):
+    """The limiter could start the request only at or after its deadline, so it was not made.
+
+    Not retriable: the deadline (a quote's minute) is over. Never raised for a request that was
+    sent: its own failure says why it has no answer.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retriable=False)
+
+
 class KinesisError(FinnstreamError):
     """A whole PutRecords call failed; `retriable` says whether trying again may help."""
 

@@ -7,6 +7,16 @@ than allowed. Each caller reserves the next free start time synchronously (first
 served), then sleeps until it; the clock is injected, so tests are exact and instant.
 
 Quotes come first: a `BACKGROUND` caller (backfill) waits while any quote is waiting or in flight.
+
+What fits a minute (`cycle_span`, `capacity`): with the minute guard G, N requests every 60 s
+can only settle if N <= per_minute - 1. With N = per_minute, the first start of a cycle must wait
+for the previous cycle's first start + 60 + G, so every cycle starts G later than the one before,
+without bound. With d = per_minute - N >= 1 free places in the window, the j-th start of a cycle
+waits for the (j - d)-th start of the previous one + 60 + G, so in the steady state (every cycle
+starting at its tick) every d consecutive starts span at least G, besides the per-second pace:
+the last of N starts comes max((N-1)*I, q*G + r*I) after the first, with q, r = divmod(N-1, d)
+and I the pacing interval. That is what the greedy limiter reaches, and `capacity` is the largest
+N whose steady state starts every request within `CYCLE_START_WINDOW_S` of the tick.
 """
 
 from __future__ import annotations
@@ -18,16 +28,47 @@ from collections import deque
 from collections.abc import Iterator
 
 from finnstream.clock import SYSTEM_CLOCK, Clock, unless
-from finnstream.errors import FinnstreamError
+from finnstream.errors import DeadlinePassed, FinnstreamError
 
 SECOND_GUARD = 1.02  # pace as if a second were 2% longer: room for jitter on the way to Finnhub
 MINUTE_GUARD_S = 0.2  # a start leaves the minute window 0.2 s after Finnhub would let it go
 OVERSHOOT_S = 0.005  # a wake-up this late is timer jitter (kept on the planned pace), not a stall
+# A cycle's requests must all start within this of its tick to fit the minute: the cycle's 58 s
+# retry window (cycle.RETRY_WINDOW_S) less 2 s for a late tick, a stalled loop and a few retries.
+CYCLE_START_WINDOW_S = 56.0
 
 
 def effective_rates(per_second: int, per_minute: int) -> tuple[float, int]:
     """The pace actually used: starts per second after the guard, and starts per minute."""
     return per_second / SECOND_GUARD, per_minute
+
+
+def cycle_span(n: int, per_second: int, per_minute: int) -> float:
+    """Seconds from the first to the last of `n` starts in the steady state of one cycle a minute.
+
+    Infinite when `n` >= `per_minute`: each cycle then starts `MINUTE_GUARD_S` later than the
+    one before, and never settles (see the module's docstring for the reasoning).
+    """
+    free = per_minute - n
+    if n <= 0:
+        return 0.0
+    if free < 1:
+        return float("inf")
+    interval = SECOND_GUARD / per_second
+    guarded, rest = divmod(n - 1, free)
+    return max((n - 1) * interval, guarded * MINUTE_GUARD_S + rest * interval)
+
+
+def capacity(per_second: int, per_minute: int, within_s: float = CYCLE_START_WINDOW_S) -> int:
+    """The most requests a minute whose steady-state cycle starts them all within `within_s`."""
+    lo, hi = 0, min(per_minute - 1, int(within_s * per_second / SECOND_GUARD) + 1)
+    while lo < hi:  # cycle_span grows with n: the largest n that fits, by bisection
+        mid = (lo + hi + 1) // 2
+        if cycle_span(mid, per_second, per_minute) <= within_s:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 class LimiterClosed(FinnstreamError):
@@ -86,11 +127,15 @@ class RateLimiter:
         now = self._clock.monotonic()
         return self._earliest(now) - now
 
-    async def acquire(self, priority: Priority = Priority.QUOTE) -> float:
+    async def acquire(
+        self, priority: Priority = Priority.QUOTE, *, deadline: float | None = None
+    ) -> float:
         """Wait for a start slot; returns how long the caller waited. Raises `LimiterClosed`.
 
         The start is recorded when the caller really goes, not when it was planned: after an
         event-loop stall, the callers behind it are spaced from the late start, never bunched.
+        `deadline` (monotonic): when the slot would start at or after it, raise `DeadlinePassed`
+        at once, without waiting and without taking the slot (nor when a late wake-up reaches it).
         """
         if priority is Priority.BACKGROUND:
             while not self._quotes_idle.is_set():
@@ -101,9 +146,17 @@ class RateLimiter:
                 raise LimiterClosed("stopping: no new requests")
             now = self._clock.monotonic()
             start = self._earliest(now)
+            if deadline is not None and start >= deadline:
+                raise DeadlinePassed(
+                    f"the first free start is {start - deadline:.3f} s past the deadline"
+                )
             if start > now:
                 await self._sleep_unless_closed(start - now)
             went = self._clock.monotonic()
+            if deadline is not None and went >= deadline:
+                raise DeadlinePassed(
+                    f"the wait for a start ended {went - deadline:.3f} s past the deadline"
+                )
             self._record(start if went - start <= OVERSHOOT_S else went)
         return self._clock.monotonic() - asked
 

@@ -1,7 +1,8 @@
 """Structured logs (structlog): JSON lines for CloudWatch, the console renderer on a terminal.
 
 `redact_secrets` runs last before rendering: any registered secret that reaches an event, in any
-value, nested or inside an exception's text, comes out as `***`.
+value, nested or inside an exception's text, comes out as `***`. Only values of at least
+`MIN_SECRET_LEN` characters are redacted (see `register_secret`).
 """
 
 from __future__ import annotations
@@ -15,13 +16,33 @@ import orjson
 import structlog
 
 REDACTED = "***"
+# Finnhub's tokens are 20 characters. A shorter value is redacted from 8 characters on; below
+# that, replacing it would mangle every line that happens to contain it ("a", "60", "AAPL").
+MIN_SECRET_LEN = 8
 _secrets: set[str] = set()
 
+log = structlog.get_logger("finnstream.logs")
 
-def register_secret(value: str) -> None:
-    """From now on, `value` never appears in a log line."""
-    if value:
+
+def register_secret(value: str) -> bool:
+    """From now on, `value` never appears in a log line; True if it will be redacted.
+
+    A value shorter than `MIN_SECRET_LEN` is not redacted (it cannot be a Finnhub token, and
+    redacting it would mangle unrelated text); a warning says so, naming its length only. It is
+    still never logged by finnstream itself: the token travels only in a request header, and no
+    log event carries it. The empty string is ignored silently.
+    """
+    if len(value) >= MIN_SECRET_LEN:
         _secrets.add(value)
+        return True
+    if value:
+        log.warning(
+            "secret.too_short_to_redact",
+            length=len(value),
+            min_length=MIN_SECRET_LEN,
+            hint="Finnhub tokens are 20 characters: check the secret's value",
+        )
+    return False
 
 
 def scrub(text: str) -> str:

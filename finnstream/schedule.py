@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.combining import OrTrigger
 from apscheduler.triggers.cron import CronTrigger
 
 from finnstream.clock import MINUTE_S, SYSTEM_CLOCK, Clock, minute_slot
@@ -61,38 +63,66 @@ def _weekdays(field: str) -> str:
     return ",".join(CRON_DAYS[d] for d in sorted(days))
 
 
-def parse_cron(expr: str) -> CronTrigger:
-    """A 5-field UTC cron (minute hour day month weekday, crontab's meaning of weekday numbers).
+# A schedule that fires at all fires within this many years: February 29th can be 8 years apart
+# (2096, then 2104) and a day of the month on a given weekday 11 or 12.
+FIRE_HORIZON_YEARS = 12
 
-    Raises ValueError naming the problem.
+
+def _restricted(field: str) -> bool:
+    """crontab(5): a day field is restricted unless it starts with `*` (so `*/2` is not)."""
+    return not field.startswith("*")
+
+
+def parse_cron(expr: str) -> BaseTrigger:
+    """A 5-field UTC cron (minute hour day month weekday), with crontab's meaning.
+
+    Weekday numbers are crontab's (0 and 7 are Sunday). When both the day of the month and the
+    day of the week are restricted, a minute matches if either does (`0 12 1 * 1`: noon on the
+    1st and on every Monday); otherwise both must. Raises ValueError naming the problem, also
+    for an expression that never fires (`* * 31 2 *`).
     """
     fields = expr.split()
     try:
         if len(fields) != 5:
             raise ValueError(f"it has {len(fields)} fields, not 5 (minute hour day month weekday)")
         minute, hour, day, month, weekday = fields
-        return CronTrigger(
-            minute=minute,
-            hour=hour,
-            day=day,
-            month=month,
-            day_of_week=_weekdays(weekday),
-            timezone=dt.UTC,
-        )
+
+        def cron(day: str, weekday: str, **bounds: str) -> CronTrigger:
+            return CronTrigger(
+                minute=minute,
+                hour=hour,
+                day=day,
+                month=month,
+                day_of_week=_weekdays(weekday),
+                timezone=dt.UTC,
+                **bounds,
+            )
+
+        either = _restricted(day) and _restricted(weekday)
+        days = [(day, "*"), ("*", weekday)] if either else [(day, weekday)]
+        parts = [cron(d, w) for d, w in days]
+        now = dt.datetime.now(dt.UTC)
+        soon = f"{now.year}-{now.year + FIRE_HORIZON_YEARS}"  # bounds the search: fast either way
+        if all(cron(d, w, year=soon).get_next_fire_time(None, now) is None for d, w in days):
+            raise ValueError(
+                f"it never fires: no minute matches it in the next {FIRE_HORIZON_YEARS} years "
+                f"(does the month have that day?)"
+            )
     except ValueError as exc:
         raise ValueError(f"{expr!r} is not a valid 5-field cron expression: {exc}") from None
+    return parts[0] if len(parts) == 1 else OrTrigger(parts)
 
 
 def _utc(epoch: int) -> dt.datetime:
     return dt.datetime.fromtimestamp(epoch, tz=dt.UTC)
 
 
-def cron_matches(trigger: CronTrigger, minute: int) -> bool:
+def cron_matches(trigger: BaseTrigger, minute: int) -> bool:
     at = _utc(minute)
     return bool(trigger.get_next_fire_time(None, at) == at)
 
 
-def fire_times(trigger: CronTrigger, start: int, end: int) -> list[int]:
+def fire_times(trigger: BaseTrigger, start: int, end: int) -> list[int]:
     """Scheduled minute slots in [start, end)."""
     slots: list[int] = []
     at = _utc(minute_slot(start) if start % MINUTE_S == 0 else minute_slot(start) + MINUTE_S)

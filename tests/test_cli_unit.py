@@ -178,6 +178,7 @@ def test_sessions_with_a_bad_date_exits_2_naming_it(
         ("symbols: [AAPL, AAPL]\n", "symbols"),
         ("symbols: [AAPL]\nfinnhub: {requests_per_minute: 0}\n", "finnhub.requests_per_minute"),
         ("symbols: [AAPL]\nschedule: {cron: '61 * * * *'}\n", "schedule.cron"),
+        ("symbols: [AAPL]\nschedule: {cron: '* * 31 2 *'}\n", "schedule.cron"),
         ("symbols: [AAPL\n", "line 2"),
     ],
 )
@@ -249,7 +250,22 @@ def test_check_config_warns_when_the_symbols_do_not_fit_a_minute(
     captured = capsys.readouterr()
     assert code == 0
     assert "DOES NOT FIT" in captured.out
+    assert "# pace: 59 symbols fit a minute at 30/s and 60/min" in captured.out
+    assert "100 symbols do not fit: at most 59 can be requested every minute" in captured.err
     assert "shard.count" in captured.err
+
+
+def test_check_config_says_the_free_plans_sixty_symbols_do_not_fit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    symbols = ", ".join(f"S{i}" for i in range(60))  # each cycle would start 0.2 s later
+    path = write_config(tmp_path, f"symbols: [{symbols}]\n")
+
+    assert main(["check-config", "--config", str(path)]) == 0
+
+    captured = capsys.readouterr()
+    assert "DOES NOT FIT" in captured.out
+    assert "60 symbols do not fit: at most 59" in captured.err
 
 
 def test_check_config_never_prints_a_token_in_a_url(

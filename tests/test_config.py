@@ -88,10 +88,12 @@ def test_the_shipped_example_loads_and_equals_the_defaults() -> None:
     assert cfg == Config(symbols=["AAPL", "MSFT", "AMZN"])
 
 
-def test_minute_capacity_of_the_free_plan_is_its_per_minute_limit() -> None:
-    assert minute_capacity(FinnhubConfig()) == 60
-    # 1 request per second, paced with the guard, cannot reach 100 in a minute
-    assert minute_capacity(FinnhubConfig(requests_per_second=1, requests_per_minute=100)) < 60
+def test_minute_capacity_of_the_free_plan_is_one_below_its_per_minute_limit() -> None:
+    # 60 a minute would start each cycle 0.2 s (the minute guard) later than the one before
+    assert minute_capacity(FinnhubConfig()) == 59
+    assert minute_capacity(FinnhubConfig(requests_per_minute=300)) == 298
+    # 1 request per second, paced with the guard, starts 55 within 56 s of the tick
+    assert minute_capacity(FinnhubConfig(requests_per_second=1, requests_per_minute=100)) == 55
 
 
 @pytest.mark.parametrize("ticker", ["BRK.B", "^GSPC", "BTC-USD", "BINANCE:BTCUSDT", "7203.T"])
@@ -276,6 +278,7 @@ def test_non_positive_rates_are_named(write: Write, section: str, key: str, valu
         ("* * *", "5"),
         ("* * * * * *", "5"),
         ("every minute", "cron"),
+        ("* * 31 2 *", "never fires"),
     ],
 )
 def test_bad_cron_is_named(write: Write, cron: str, hint: str) -> None:

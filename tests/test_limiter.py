@@ -5,18 +5,24 @@ from __future__ import annotations
 import asyncio
 import bisect
 import itertools
+import math
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from finnstream.clock import FakeClock
+from finnstream.config import FinnhubConfig, minute_capacity
+from finnstream.errors import DeadlinePassed
 from finnstream.limiter import (
+    CYCLE_START_WINDOW_S,
     MINUTE_GUARD_S,
     SECOND_GUARD,
     LimiterClosed,
     Priority,
     RateLimiter,
+    capacity,
+    cycle_span,
 )
 
 EPS = 1e-9
@@ -288,3 +294,139 @@ def test_windows_always_hold(per_second: int, per_minute: int, n: int, idle: lis
     assert max_in_window(starts, 60.0) <= per_minute
     gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert all(gap >= SECOND_GUARD / per_second - EPS for gap in gaps)
+
+
+# --- what fits a minute: cycles at capacity never drift --------------------------------------
+
+FIVE_HOURS_OF_CYCLES = 300
+
+
+async def cycle_starts(
+    n: int, per_second: int, per_minute: int, cycles: int, *, waiting: bool = True
+) -> list[list[float]]:
+    """`cycles` cycles of `n` requests, one every 60 s: each start, in seconds after its tick.
+
+    A cycle begins at its tick, or when the previous one's last start is later than the tick.
+    `waiting`: each request `acquire`s (and the FakeClock sleeps); else it `reserve`s its start
+    and the clock moves there (the same windows, ten times faster for long runs).
+    """
+    clock = FakeClock()
+    limiter = RateLimiter(per_second=per_second, per_minute=per_minute, clock=clock)
+    out = []
+    for k in range(cycles):
+        tick = 60.0 * k
+        clock.advance(max(0.0, tick - clock.monotonic()))
+        if waiting:
+            starts = await acquire_starts(limiter, clock, n)
+        else:
+            starts = []
+            for _ in range(n):
+                starts.append(limiter.reserve())
+                clock.advance(starts[-1] - clock.monotonic())
+        out.append([start - tick for start in starts])
+    return out
+
+
+@pytest.mark.parametrize(
+    ("per_second", "per_minute", "fits"),
+    [(30, 60, 59), (30, 300, 298)],
+    ids=["free-plan", "300-a-minute"],
+)
+async def test_five_hours_of_cycles_at_capacity_start_at_the_tick_and_within_the_minute(
+    per_second: int, per_minute: int, fits: int
+) -> None:
+    plan = FinnhubConfig(requests_per_second=per_second, requests_per_minute=per_minute)
+    assert minute_capacity(plan) == fits  # what check-config says fits
+
+    waiting = fits < 100  # the long run reserves its starts instead: the same windows, faster
+    cycles = await cycle_starts(fits, per_second, per_minute, FIVE_HOURS_OF_CYCLES, waiting=waiting)
+
+    assert all(starts[0] == pytest.approx(0.0, abs=1e-6) for starts in cycles)  # at the tick
+    assert max(max(starts) for starts in cycles) <= CYCLE_START_WINDOW_S
+    assert max(cycles[-1]) == pytest.approx(cycle_span(fits, per_second, per_minute))
+
+
+async def test_one_more_than_the_free_plans_capacity_drifts_a_guard_a_cycle() -> None:
+    cycles = await cycle_starts(60, 30, 60, FIVE_HOURS_OF_CYCLES)
+
+    firsts = [starts[0] for starts in cycles]
+    assert firsts == pytest.approx([k * MINUTE_GUARD_S for k in range(FIVE_HOURS_OF_CYCLES)])
+    assert firsts[-1] > CYCLE_START_WINDOW_S  # five hours in, the quotes start a minute late
+    assert cycle_span(60, 30, 60) == math.inf
+
+
+async def test_one_more_than_capacity_at_300_a_minute_starts_past_the_window() -> None:
+    cycles = await cycle_starts(299, 30, 300, FIVE_HOURS_OF_CYCLES, waiting=False)
+
+    assert all(starts[0] == pytest.approx(0.0, abs=1e-6) for starts in cycles)
+    # each cycle spreads 0.2 s wider than the one before, until its last requests start after
+    # the minute's 58 s retry window (a steady span of 59.6 s)
+    assert max(cycles[-1]) == pytest.approx(cycle_span(299, 30, 300))
+    assert max(cycles[-1]) > 58.0
+
+
+async def test_at_the_per_second_pace_capacity_fills_the_window_and_no_more() -> None:
+    fits = capacity(30, 6000)
+
+    cycles = await cycle_starts(fits, 30, 6000, 3)
+    over = await cycle_starts(fits + 1, 30, 6000, 1)
+
+    assert fits == 1648
+    assert all(starts[0] == 0.0 for starts in cycles)
+    assert max(cycles[-1]) <= CYCLE_START_WINDOW_S < max(over[-1])
+
+
+@pytest.mark.parametrize(
+    ("per_second", "per_minute", "fits"),
+    [(30, 60, 59), (30, 300, 298), (30, 600, 597), (30, 6000, 1648), (1, 60, 55), (5, 3, 2)],
+)
+def test_capacity_figures(per_second: int, per_minute: int, fits: int) -> None:
+    assert capacity(per_second, per_minute) == fits
+    assert cycle_span(fits, per_second, per_minute) <= CYCLE_START_WINDOW_S
+    assert cycle_span(fits + 1, per_second, per_minute) > CYCLE_START_WINDOW_S
+
+
+def test_nothing_fits_one_request_a_minute() -> None:
+    assert capacity(30, 1) == 0  # one symbol would start 0.2 s later every minute
+
+
+# --- deadlines: no start at or after it ------------------------------------------------------
+
+
+async def test_a_start_at_or_after_the_deadline_is_refused_at_once_and_not_taken() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(per_second=10, per_minute=2, clock=clock)
+    await acquire_starts(limiter, clock, 2)  # the window is full until 60.2
+
+    with pytest.raises(DeadlinePassed, match="past the deadline"):
+        await limiter.acquire(deadline=58.0)
+    with pytest.raises(DeadlinePassed):
+        await limiter.acquire(deadline=60 + MINUTE_GUARD_S)  # "at" counts as after
+
+    assert clock.monotonic() == pytest.approx(SECOND_GUARD / 10)  # nobody waited
+    await limiter.acquire(deadline=61.0)  # the slot refused twice is still free
+    assert clock.monotonic() == pytest.approx(60 + MINUTE_GUARD_S)
+
+
+class LateClock(FakeClock):
+    """A FakeClock whose sleeps overshoot by `late` seconds (a stalled event loop)."""
+
+    def __init__(self, late: float) -> None:
+        super().__init__()
+        self.late = late
+
+    async def sleep(self, seconds: float) -> None:
+        await super().sleep(seconds + self.late)
+
+
+async def test_a_wake_up_past_the_deadline_does_not_start_either() -> None:
+    clock = LateClock(late=1.0)
+    limiter = RateLimiter(per_second=1, per_minute=100, clock=clock)
+    await limiter.acquire()
+
+    with pytest.raises(DeadlinePassed, match="wait for a start ended"):
+        await limiter.acquire(deadline=1.5)  # planned at 1.02, woken at 2.02
+
+    clock.late = 0.0
+    await limiter.acquire()
+    assert clock.monotonic() == pytest.approx(2.02)  # the refused start was not recorded

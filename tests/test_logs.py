@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 import structlog
+from structlog.testing import capture_logs
 
 from finnstream import logs
 
@@ -138,3 +139,35 @@ def test_level_filters_below_the_configured_level() -> None:
     assert [(e["event"], e["level"]) for e in events] == [("cycle.late", "warning")]
     assert events[0]["lag_s"] == 2.5
     assert events[0]["timestamp"].endswith("Z")
+
+
+@pytest.mark.parametrize("short", ["a", "60", "AAPL", "seven!!"])
+def test_a_value_too_short_to_be_a_token_is_not_redacted_and_a_warning_says_so(
+    short: str,
+) -> None:
+    with capture_logs() as events:
+        assert logs.register_secret(short) is False
+    buf = io.StringIO()
+    logs.configure_logging("INFO", "json", stream=buf)
+    text = "a cycle of 60 AAPL quotes: xxxxxxx done"
+
+    structlog.get_logger("finnstream.test").info("cycle.done", note=text)
+
+    assert logs.scrub(text) == text
+    assert json.loads(buf.getvalue())["note"] == text
+    assert events == [
+        {
+            "event": "secret.too_short_to_redact",
+            "log_level": "warning",
+            "length": len(short),
+            "min_length": logs.MIN_SECRET_LEN,
+            "hint": "Finnhub tokens are 20 characters: check the secret's value",
+        }
+    ]
+
+
+def test_a_value_of_the_minimum_length_is_redacted() -> None:
+    secret = "k" * logs.MIN_SECRET_LEN
+
+    assert logs.register_secret(secret) is True
+    assert logs.scrub(f"token {secret}!") == "token ***!"

@@ -10,7 +10,7 @@ from structlog.testing import capture_logs
 
 from finnstream.app import App
 from finnstream.clock import minute_slot
-from finnstream.config import load_config
+from finnstream.config import load_config, minute_capacity
 from finnstream.simulator import Simulator, quote_for
 
 from .conftest import Aws, ConfigFactory, current_wall
@@ -67,13 +67,17 @@ async def test_one_cycle_lands_one_true_record_per_known_symbol(
 
 
 class FastForwardClock:
-    """Real time, except that sleeping moves both clocks forward at once (no real wait)."""
+    """Real time, except that sleeping moves both clocks forward at once (no real wait).
 
-    def __init__(self) -> None:
+    The wall clock starts `at_second` seconds into a minute, so a cycle's minute is predictable.
+    """
+
+    def __init__(self, at_second: float = 1.0) -> None:
         self.skipped = 0.0
+        self._shift = (at_second - time.time() % 60) % 60
 
     def time(self) -> float:
-        return time.time() + self.skipped
+        return time.time() + self._shift + self.skipped
 
     def monotonic(self) -> float:
         return time.monotonic() + self.skipped
@@ -83,7 +87,7 @@ class FastForwardClock:
         await asyncio.sleep(0)
 
 
-async def test_a_list_longer_than_a_minute_still_lands_every_record_in_its_own_slot(
+async def test_symbols_the_pace_cannot_reach_within_the_minute_are_not_requested_but_ledgered(
     make_config: ConfigFactory, aws: Aws, sim: Simulator
 ) -> None:
     symbols = ["AAPL", "MSFT", "AMZN", "NVDA", "META"]
@@ -94,10 +98,15 @@ async def test_a_list_longer_than_a_minute_still_lands_every_record_in_its_own_s
     with capture_logs() as logs:
         async with App(cfg, environ=env, clock=clock) as app:
             code = await app.run_once()
-    assert code == 0
+            gaps = {g.symbol: g.reason for g in app.ledger.open_gaps()}
+    assert code == 0  # everything fetched was delivered; the rest is in the gap ledger
     warning = next(e for e in logs if e["event"] == "config.over_capacity")
-    assert warning["symbols"] == 5 and warning["per_minute"] == 3
-    assert clock.skipped > 60  # the limiter really held the last two back past the minute
+    assert warning["symbols"] == 5 and warning["per_minute"] == minute_capacity(cfg.finnhub) == 2
+    assert clock.skipped < 10  # nobody waited for the next minute's slots (main: 62 s)
     records = aws.records()
-    assert sorted(r["symbol"] for r in records) == sorted(symbols)
-    assert len({r["minute"] for r in records}) == 1  # all in the cycle's own slot
+    landed = {r["symbol"] for r in records}
+    assert len({r["minute"] for r in records}) == 1
+    # The minute window's 3 starts (the startup token check takes one) and no more were made.
+    assert sum(sim.stats.quote_requests.values()) == 3
+    assert landed and set(gaps) == set(symbols) - landed
+    assert all("minute ran out before it could be requested" in r for r in gaps.values())

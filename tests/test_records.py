@@ -6,10 +6,14 @@ import json
 import math
 from typing import Any
 
+import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from finnstream.records import (
     BadAnswer,
+    NotAPrice,
     Record,
     candle_record,
     gap_record,
@@ -155,6 +159,44 @@ def test_real_quotes_are_not_unknown(body: dict[str, Any]) -> None:
     assert not is_unknown_symbol(body)
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        {**QUOTE, "c": -0.01},
+        {**QUOTE, "c": -351.73, "t": 0},
+        {**QUOTE, "c": 0, "t": 1_592_415_210},
+        {**QUOTE, "c": 0.0, "t": None},
+        {"c": 0},
+    ],
+    ids=["negative", "negative-t0", "zero-with-t", "zero-t-null", "zero-alone"],
+)
+def test_a_price_that_is_not_positive_is_not_a_price(body: dict[str, Any]) -> None:
+    assert not is_unknown_symbol(body)
+    with pytest.raises(NotAPrice, match="not a price"):
+        quote_record("AAPL", MINUTE, body, FETCHED)
+
+
+def test_not_a_price_is_a_bad_answer_the_cycle_can_tell_apart() -> None:
+    assert issubclass(NotAPrice, BadAnswer)
+    with pytest.raises(BadAnswer) as info:
+        quote_record("AAPL", MINUTE, {**QUOTE, "c": "x"}, FETCHED)
+    assert not isinstance(info.value, NotAPrice)  # malformed is not "not a price"
+    with pytest.raises(BadAnswer) as info:
+        quote_record("AAPL", MINUTE, {**QUOTE, "c": -1.0, "h": "x"}, FETCHED)
+    assert not isinstance(info.value, NotAPrice)  # checked only once the answer is well-formed
+
+
+@pytest.mark.parametrize("close", [0, 0.0, -1.5])
+def test_a_candle_whose_close_is_not_positive_is_not_a_price(close: float) -> None:
+    with pytest.raises(NotAPrice):
+        candle_record("MSFT", MINUTE, {"o": 1.0, "c": close, "v": 1, "t": MINUTE}, FETCHED)
+
+
+@pytest.mark.parametrize("body", [{"c": False, "t": False}, {"c": 0, "t": False}, "zero"])
+def test_only_numeric_zeros_are_the_unknown_symbol_answer(body: Any) -> None:
+    assert not is_unknown_symbol(body)
+
+
 # --- candle and gap --------------------------------------------------------------------------
 
 
@@ -238,3 +280,76 @@ def test_fetched_at_is_kept_to_the_millisecond() -> None:
     body = wire(quote_record("AAPL", MINUTE, QUOTE, MINUTE + 0.41249999))
 
     assert body["fetched_at"] == pytest.approx(MINUTE + 0.412, abs=1e-6)
+
+
+# --- any JSON-decoded answer: a record orjson round-trips, or BadAnswer -----------------------
+
+JSON_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=2**62, max_value=2**66)  # around orjson's and int64's edges
+    | st.floats()  # nan and the infinities too
+    | st.text(max_size=8)
+)
+JSON_VALUES = st.recursive(
+    JSON_SCALARS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner),
+    max_leaves=6,
+)
+ANSWER_KEYS = st.sampled_from(["c", "o", "h", "l", "pc", "d", "dp", "t", "v"]) | st.text(max_size=3)
+FINNHUB_LIKE = st.fixed_dictionaries(
+    {"c": st.floats(min_value=0.01, max_value=1e6)}, optional={"t": JSON_SCALARS}
+) | st.dictionaries(ANSWER_KEYS, JSON_VALUES, max_size=9)
+
+
+@settings(max_examples=400, database=None)
+@given(body=FINNHUB_LIKE | JSON_VALUES)
+def test_any_json_answer_becomes_a_round_trippable_record_or_bad_answer(body: Any) -> None:
+    for build in (quote_record, candle_record):
+        try:
+            record = build("AAPL", MINUTE, body, FETCHED)
+        except BadAnswer:
+            continue
+        decoded = orjson.loads(record.data)
+        assert orjson.dumps(decoded) + b"\n" == record.data
+        for field in ("quote_time", "volume"):
+            assert decoded[field] is None or type(decoded[field]) is int
+
+
+@pytest.mark.parametrize(
+    "bar",
+    [
+        {"c": 1.0, "t": 10**20},
+        {"c": 1.0, "t": 1e20},
+        {"c": 1.0, "t": -(2**63) - 1},
+        {"c": 10**400},
+        {"c": 1.0, "o": 10**400},
+        {"c": {"value": 1.0}},
+        {"c": 1.0, "h": [2.0]},
+    ],
+    ids=["t-1e20", "t-float-1e20", "t-below-int64", "c-huge", "o-huge", "c-object", "h-list"],
+)
+def test_numbers_out_of_range_or_nested_are_bad_answers(bar: dict[str, Any]) -> None:
+    with pytest.raises(BadAnswer):
+        quote_record("AAPL", MINUTE, bar, FETCHED)
+    with pytest.raises(BadAnswer):
+        candle_record("AAPL", MINUTE, bar, FETCHED)
+
+
+@pytest.mark.parametrize("volume", [10**20, 1e20, 2**63, math.inf, [1]])
+def test_a_candle_volume_out_of_range_or_nested_is_a_bad_answer(volume: Any) -> None:
+    with pytest.raises(BadAnswer, match="'v'"):
+        candle_record("AAPL", MINUTE, {"c": 1.0, "v": volume, "t": MINUTE}, FETCHED)
+
+
+def test_the_largest_int64_volume_is_kept() -> None:
+    body = wire(candle_record("MSFT", MINUTE, {"c": 1.0, "v": 2**63 - 1, "t": MINUTE}, FETCHED))
+
+    assert body["volume"] == 2**63 - 1
+
+
+@pytest.mark.parametrize("bar", [None, [], "bar", 3])
+def test_a_bar_that_is_not_an_object_is_a_bad_answer(bar: Any) -> None:
+    with pytest.raises(BadAnswer, match="not an object"):
+        candle_record("AAPL", MINUTE, bar, FETCHED)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import time
 
 import pytest
 
@@ -136,6 +137,98 @@ def test_numeric_sunday_is_sunday_as_in_crontab(sunday: str) -> None:
     assert fire_times(trigger, utc("2024-06-17T00:00:00"), utc("2024-06-24T00:00:00")) == [
         utc("2024-06-23T00:00:00")
     ]
+
+
+# --- day of month OR day of week, as in crontab ---------------------------------------------
+
+
+def test_day_of_month_and_day_of_week_both_restricted_fire_on_either() -> None:
+    """crontab(5): `0 12 1 * 1` runs at noon on the 1st and on every Monday."""
+    trigger = parse_cron("0 12 1 * 1")
+
+    assert fire_times(trigger, utc("2024-06-01T00:00:00"), utc("2024-07-02T00:00:00")) == [
+        utc(f"2024-{day}T12:00:00")
+        for day in ("06-01", "06-03", "06-10", "06-17", "06-24", "07-01")
+    ]
+    assert cron_matches(trigger, utc("2024-06-03T12:00:00"))  # a Monday, not the 1st
+    assert cron_matches(trigger, utc("2024-06-01T12:00:00"))  # the 1st, a Saturday
+    assert not cron_matches(trigger, utc("2024-06-04T12:00:00"))
+
+
+@pytest.mark.parametrize(
+    ("expr", "days"),
+    [
+        ("0 12 */2 * 1", ["06-03", "06-17"]),  # a field starting with * is not restricted: AND
+        ("0 12 * * 1", ["06-03", "06-10", "06-17", "06-24"]),
+        ("0 12 1,15 * *", ["06-01", "06-15"]),
+        ("0 12 1 * */1", ["06-01"]),
+    ],
+)
+def test_a_field_starting_with_a_star_leaves_the_other_one_alone(
+    expr: str, days: list[str]
+) -> None:
+    trigger = parse_cron(expr)
+
+    assert fire_times(trigger, utc("2024-06-01T00:00:00"), utc("2024-06-30T00:00:00")) == [
+        utc(f"2024-{day}T12:00:00") for day in days
+    ]
+
+
+async def test_the_ticker_schedules_an_either_day_cron() -> None:
+    t = ticker("0 12 1 * 1")  # the clock reads Monday 2024-06-17 14:30
+
+    assert t.next_fire_wall == utc("2024-06-24T12:00:00")
+    t.start()
+    try:
+        assert t.alive
+    finally:
+        t.stop()
+    t.fire(utc("2024-06-24T12:00:00.1"), 1.0)
+    assert t.next_fire_wall == utc("2024-07-01T12:00:00")
+
+
+# --- expressions that never fire ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "expr", ["* * 31 2 *", "0 0 30 2 *", "0 0 31 4,6,9,11 *", "0 0 30,31 2 *", "0 0 31 2 */2"]
+)
+def test_an_expression_that_never_fires_is_rejected(expr: str) -> None:
+    with pytest.raises(ValueError, match="never fires") as info:
+        parse_cron(expr)
+
+    assert repr(expr) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "expr", ["0 0 29 2 *", "0 0 31 2 1", "0 0 31 * *", "0 0 31 1-12/2 *", "0 0 29 2 mon"]
+)
+def test_rare_but_real_expressions_are_accepted_quickly(expr: str) -> None:
+    started = time.perf_counter()
+
+    trigger = parse_cron(expr)
+
+    assert time.perf_counter() - started < 0.1
+    assert fire_times(trigger, utc("2024-01-01T00:00:00"), utc("2032-03-02T00:00:00"))
+
+
+def test_february_29th_fires_only_in_leap_years() -> None:
+    trigger = parse_cron("0 0 29 2 *")
+
+    assert fire_times(trigger, utc("2024-01-01T00:00:00"), utc("2033-01-01T00:00:00")) == [
+        utc("2024-02-29T00:00:00"),
+        utc("2028-02-29T00:00:00"),
+        utc("2032-02-29T00:00:00"),
+    ]
+
+
+def test_rejecting_a_never_firing_expression_is_quick() -> None:
+    started = time.perf_counter()
+
+    with pytest.raises(ValueError, match="never fires"):
+        parse_cron("* * 31 2 *")
+
+    assert time.perf_counter() - started < 0.1
 
 
 # --- Ticker ----------------------------------------------------------------------------------
