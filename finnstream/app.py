@@ -29,7 +29,7 @@ from aiobotocore.session import AioSession
 from finnstream.backfill import Backfiller
 from finnstream.clock import SYSTEM_CLOCK, Clock, minute_slot, unless
 from finnstream.config import Config, aws_endpoint, aws_region, minute_capacity, shard_symbols
-from finnstream.cycle import QuoteCycle
+from finnstream.cycle import QuoteCycle, split_over_capacity
 from finnstream.drain import SpoolDrainer
 from finnstream.errors import EXIT_OK, EXIT_UNDELIVERED, ConfigError, SpoolLocked
 from finnstream.finnhub import FinnhubClient
@@ -44,6 +44,7 @@ from finnstream.schedule import Tick, Ticker
 from finnstream.secret import fetch_secret_token, load_token
 from finnstream.slots import Expected, Settlement, SlotKeeper
 from finnstream.spool import Spool
+from finnstream.transport import Transport
 
 log = structlog.get_logger("finnstream.app")
 
@@ -53,6 +54,7 @@ PUBLISH_WINDOW_S = 50.0  # a cycle's records may be retried until this far into 
 RUN_ONCE_LOCK_WAIT_S = 30.0  # `run --once` waits this long for another process's lock
 LAG_PROBE_S = 0.1
 SKIPPED_REASON = "a newer minute was due before this cycle could start"
+OVER_CAPACITY = "not polled: more symbols than the plan's pace fits a minute (see check-config)"
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ class CycleReport:
 class Deps:
     """What a simulation swaps in; None means the real thing."""
 
-    finnhub_transport: Any = None  # see FinnhubClient(transport=...)
+    finnhub_transport: Transport | None = None
     kinesis_client: Any = None  # an open client with put_records / describe_stream_summary
 
 
@@ -150,10 +152,9 @@ class App:
         self.limiter = RateLimiter(
             cfg.finnhub.requests_per_second, cfg.finnhub.requests_per_minute, self.clock
         )
+        self.capacity = minute_capacity(cfg.finnhub)
+        self.limiter.plan_quotes(min(len(self.symbols), self.capacity))
         refresh = None if token.source.startswith("env:") else self._reread_token
-        transport = (
-            {"transport": self.deps.finnhub_transport} if self.deps.finnhub_transport else {}
-        )
         self.client = FinnhubClient(
             cfg.finnhub.base_url,
             token.value,
@@ -162,7 +163,7 @@ class App:
             retries=cfg.finnhub.retries,
             clock=self.clock,
             refresh_token=refresh,
-            **transport,
+            transport=self.deps.finnhub_transport,
         )
         self.client.open()
         self._stack.push_async_callback(self.client.close)
@@ -241,9 +242,10 @@ class App:
             log.warning(
                 "config.over_capacity",
                 symbols=len(self.symbols),
-                per_minute=capacity,
-                hint="symbols the pace cannot reach within their minute become gaps: raise the "
-                "plan's limits or shard",
+                fit_a_minute=capacity,
+                effect=f"{len(self.symbols) - capacity} symbols a minute (a different slice each "
+                "minute) are not polled and become gaps",
+                hint="raise the plan's limits or split the symbols across shards (shard.count)",
             )
 
     def _is_open_fn(self) -> Callable[[int], bool] | None:
@@ -416,7 +418,11 @@ class App:
         self.health.last_cycle_mono = started
         self.metrics.last_cycle.set(minute)
         publisher = Publisher(self.sink, self.clock, deadline=minute_mono + PUBLISH_WINDOW_S)
-        outcome = await self.cycle.run(minute, self.symbols, publisher, minute_mono)
+        polled, shed = split_over_capacity(self.symbols, self.capacity, minute)
+        outcome = await self.cycle.run(minute, polled, publisher, minute_mono)
+        if shed:
+            self.metrics.quotes.labels(outcome="over_capacity").inc(len(shed))
+            outcome.failed.update(dict.fromkeys(shed, OVER_CAPACITY))
         if observe_lag:
             self.metrics.schedule_lag.observe(max(0.0, outcome.lag_s))
         undelivered = await self._finish(publisher)

@@ -25,7 +25,7 @@ import structlog
 from finnstream.batcher import split_batches
 from finnstream.clock import MINUTE_S, Clock, minute_slot, unless
 from finnstream.config import BackfillConfig
-from finnstream.errors import CandlesForbidden, FinnstreamError
+from finnstream.errors import CandlesForbidden, DeadlinePassed, FinnstreamError
 from finnstream.finnhub import FinnhubClient
 from finnstream.kinesis import KinesisSink
 from finnstream.ledger import Gap, LedgerError, Slot, ranges_by_symbol
@@ -38,7 +38,7 @@ log = structlog.get_logger("finnstream.backfill")
 
 SETTLE_S = 2 * MINUTE_S  # a minute's candle is final a little after the minute ends
 MAX_MINUTES_PER_REQUEST = 24 * 60  # one candle request covers at most a day of minutes
-REQUEST_BUDGET_S = 30.0
+REQUEST_BUDGET_S = 150.0  # a candle request may wait this long for room beside the quotes
 PUBLISH_BUDGET_S = 60.0  # a page's records may be retried this long, then they wait
 PAGE_SLOTS = 2_000  # slots read, fetched, published and settled per step
 EXPAND_BELOW = 20_000  # windows are expanded while fewer gap slots than this are open
@@ -46,6 +46,10 @@ EXPAND_CHUNK = 10_000
 NO_CANDLES_REASON = "candles are not available on this Finnhub plan (403)"
 TURNED_OFF_REASON = "backfill is turned off (backfill.enabled: false)"
 NO_BAR_REASON = "no candle for this minute"
+NO_ROOM_REASON = (
+    "no room for candle requests: the quotes need the API key's whole limit "
+    "(fewer symbols per key, or a higher plan, leaves room)"
+)
 
 
 class PassStopped(Exception):
@@ -193,11 +197,16 @@ class Backfiller:
         await self._publish(work, report)
 
     def _exhausted(self, gap: Gap) -> bool:
-        return not self.enabled or gap.attempts + 1 >= self._cfg.max_attempts
+        return not self._can_fetch() or gap.attempts + 1 >= self._cfg.max_attempts
+
+    def _can_fetch(self) -> bool:
+        """Candles can be asked for: backfill is on and the quotes leave room on the key."""
+        return self.enabled and self._client.background_room > 0
 
     def _gap_records(self, gaps: Sequence[Gap]) -> list[Record]:
         now = self._clock.time()
-        suffix = f"; {self.off_reason}" if not self.enabled else ""
+        why = self.off_reason if not self.enabled else NO_ROOM_REASON
+        suffix = f"; {why}" if not self._can_fetch() else ""
         return [gap_record(g.symbol, g.minute, g.reason + suffix, now) for g in gaps]
 
     async def _fetch(
@@ -206,13 +215,17 @@ class Backfiller:
         """Candle records for [lo, hi] of `symbol`, and the minutes that still have none.
         Minutes of a request that failed count as missing (an attempt); a stop raises."""
         wanted = range(lo, hi + MINUTE_S, MINUTE_S)
-        if not self.enabled:
+        if not self._can_fetch():
             return [], list(wanted)
         try:
             bars = await self._client.candles(
                 symbol, lo, hi, self._clock.monotonic() + REQUEST_BUDGET_S
             )
         except LimiterClosed:
+            raise PassStopped from None
+        except DeadlinePassed:
+            # Never sent (the quotes kept the key busy past its budget): not an attempt either.
+            report.errors.append(f"{symbol}: waited too long behind the quotes")
             raise PassStopped from None
         except CandlesForbidden as exc:
             self.disable(str(exc))

@@ -25,12 +25,28 @@ from finnstream.finnhub import MAX_CONNECTIONS, FinnhubClient
 from finnstream.kinesis import Publisher
 from finnstream.limiter import LimiterClosed, RateLimiter
 from finnstream.metrics import Metrics
-from finnstream.records import BadAnswer, is_unknown_symbol, quote_record
+from finnstream.records import BadAnswer, NotAPrice, is_unknown_symbol, quote_record
 
 log = structlog.get_logger("finnstream.cycle")
 
 RETRY_WINDOW_S = 58.0  # no attempt at a quote starts later than this into its minute
 STOPPED_REASON = "stopped before the quote was requested"
+
+
+def split_over_capacity(
+    symbols: Sequence[str], capacity: int, minute: int
+) -> tuple[list[str], list[str]]:
+    """The symbols a minute polls, and those it cannot (more than the plan's pace fits).
+
+    Polling more than fits would make every cycle start later than the one before (the
+    limiter's minute window), until none fits at all; so at most `capacity` are asked for,
+    a different slice each minute, and the rest are gaps at once, for backfill.
+    """
+    if len(symbols) <= capacity:
+        return list(symbols), []
+    offset = (minute // 60 * capacity) % len(symbols)
+    rotated = [*symbols[offset:], *symbols[:offset]]
+    return rotated[:capacity], rotated[capacity:]
 
 
 @dataclass
@@ -120,6 +136,11 @@ class QuoteCycle:
             return
         try:
             record = quote_record(symbol, minute, body, self._clock.time())
+        except NotAPrice as exc:
+            self._metrics.quotes.labels(outcome="not_a_price").inc()
+            outcome.failed[symbol] = f"Finnhub's answer is not a price: {exc}"
+            log.warning("quote.not_a_price", symbol=symbol, minute=minute, error=str(exc))
+            return
         except BadAnswer as exc:
             self._metrics.quotes.labels(outcome="bad_answer").inc()
             outcome.failed[symbol] = f"malformed answer: {exc}"

@@ -127,6 +127,11 @@ class FinnhubClient:
         if self._own is not None:
             await self._own.close()
 
+    @property
+    def background_room(self) -> int:
+        """Candle requests the limiter lets through per minute beside the quotes."""
+        return self._limiter.background_room
+
     async def quote(self, symbol: str, deadline: float) -> dict[str, Any]:
         """The /quote answer for `symbol`, retried until `deadline` (monotonic seconds).
 

@@ -6,7 +6,11 @@ than in bursts, with a guard on each window so network jitter cannot make Finnhu
 than allowed. Each caller reserves the next free start time synchronously (first come, first
 served), then sleeps until it; the clock is injected, so tests are exact and instant.
 
-Quotes come first: a `BACKGROUND` caller (backfill) waits while any quote is waiting or in flight.
+Quotes come first: a `BACKGROUND` caller (backfill) waits while any quote is waiting or in flight,
+and it may never take the places in the minute window that the next cycle's quotes need
+(`background_room`): with N quotes a minute, background starts in any sliding minute stay below
+per_minute - N - d, where d is the fewest free places that still let N quotes start within the
+cycle's window (`cycle_span`). So backfill uses what the quotes leave and never makes them drift.
 
 What fits a minute (`cycle_span`, `capacity`): with the minute guard G, N requests every 60 s
 can only settle if N <= per_minute - 1. With N = per_minute, the first start of a cycle must wait
@@ -59,6 +63,17 @@ def cycle_span(n: int, per_second: int, per_minute: int) -> float:
     return max((n - 1) * interval, guarded * MINUTE_GUARD_S + rest * interval)
 
 
+def background_room(
+    quotes: int, per_second: int, per_minute: int, within_s: float = CYCLE_START_WINDOW_S
+) -> int:
+    """Background starts allowed in any sliding minute beside `quotes` quotes a minute: what
+    is left once the quotes keep the free places their cycle needs to fit `within_s`."""
+    for keep in range(1, per_minute - quotes + 1):
+        if cycle_span(quotes, per_second, quotes + keep) <= within_s:
+            return per_minute - quotes - keep
+    return 0
+
+
 def capacity(per_second: int, per_minute: int, within_s: float = CYCLE_START_WINDOW_S) -> int:
     """The most requests a minute whose steady-state cycle starts them all within `within_s`."""
     lo, hi = 0, min(per_minute - 1, int(within_s * per_second / SECOND_GUARD) + 1)
@@ -88,6 +103,9 @@ class RateLimiter:
         self._per_minute = per_minute
         self._clock = clock
         self._window: deque[float] = deque(maxlen=per_minute)  # the last `per_minute` starts
+        self._background: deque[float] = deque()  # background starts still in the minute window
+        self._background_room = max(0, per_minute - 1)  # until `plan_quotes` says otherwise
+        self._per_second = per_second
         self._next_free = float("-inf")
         self._turn = asyncio.Lock()  # FIFO: one caller at a time waits for the next start
         self._quote_users = 0
@@ -103,6 +121,25 @@ class RateLimiter:
     @property
     def interval(self) -> float:
         return self._interval
+
+    def plan_quotes(self, quotes: int) -> None:
+        """`quotes` requests a minute are the live load: background keeps out of their way."""
+        self._background_room = background_room(quotes, self._per_second, self._per_minute)
+
+    @property
+    def background_room(self) -> int:
+        """Background starts allowed per sliding minute (0: the quotes need the whole key)."""
+        return self._background_room
+
+    def _background_free_at(self, now: float) -> float:
+        """When a background start fits the room left by the quotes (inf if it never will)."""
+        while self._background and self._background[0] + 60.0 + MINUTE_GUARD_S <= now:
+            self._background.popleft()
+        if self._background_room <= 0:
+            return float("inf")
+        if len(self._background) < self._background_room:
+            return now
+        return self._background[-self._background_room] + 60.0 + MINUTE_GUARD_S
 
     def _earliest(self, now: float) -> float:
         start = max(now, self._next_free)
@@ -137,7 +174,8 @@ class RateLimiter:
         `deadline` (monotonic): when the slot would start at or after it, raise `DeadlinePassed`
         at once, without waiting and without taking the slot (nor when a late wake-up reaches it).
         """
-        if priority is Priority.BACKGROUND:
+        background = priority is Priority.BACKGROUND
+        if background:
             while not self._quotes_idle.is_set():
                 await self._quotes_idle.wait()
         asked = self._clock.monotonic()
@@ -146,6 +184,8 @@ class RateLimiter:
                 raise LimiterClosed("stopping: no new requests")
             now = self._clock.monotonic()
             start = self._earliest(now)
+            if background:
+                start = max(start, self._background_free_at(now))
             if deadline is not None and start >= deadline:
                 raise DeadlinePassed(
                     f"the first free start is {start - deadline:.3f} s past the deadline"
@@ -158,6 +198,8 @@ class RateLimiter:
                     f"the wait for a start ended {went - deadline:.3f} s past the deadline"
                 )
             self._record(start if went - start <= OVERSHOOT_S else went)
+            if background:
+                self._background.append(self._window[-1])
         return self._clock.monotonic() - asked
 
     async def _sleep_unless_closed(self, seconds: float) -> None:

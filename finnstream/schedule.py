@@ -25,6 +25,9 @@ from finnstream.clock import MINUTE_S, SYSTEM_CLOCK, Clock, minute_slot
 log = structlog.get_logger("finnstream.schedule")
 
 MAX_LOOKBACK_S = 3 * 24 * 3600  # gaps older than this when starting up are not ledgered
+# The scheduler may run its job a hair before second 0 by the float clock (it rounds to the
+# microsecond): a fire this close to the next minute belongs to that minute, not the one ending.
+FIRE_EARLY_S = 0.001
 
 
 CRON_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
@@ -192,7 +195,7 @@ class Ticker:
         return now_wall - (self.next_fire_wall + grace)
 
     async def _fire(self) -> None:
-        self.fire(self._clock.time(), self._clock.monotonic())
+        self.fire(self._clock.time() + FIRE_EARLY_S, self._clock.monotonic())
 
     def fire(self, wall: float, mono: float, *, catch_up: bool = False) -> None:
         """Queue the slot that `wall` falls in (the job fires at second 0 of the slot).

@@ -10,19 +10,19 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
 from botocore.exceptions import ClientError, EndpointConnectionError
-from finnstream.transport import Answer
 
 from finnstream.batcher import MAX_BYTES_PER_PUT, MAX_BYTES_PER_RECORD, MAX_RECORDS_PER_PUT
 from finnstream.clock import minute_slot
 from finnstream.errors import FinnhubError
 from finnstream.simulator import UNKNOWN_QUOTE, candle_for, quote_for
+from finnstream.transport import Answer
 
 from .plan import UNKNOWN_SYMBOL, Plan
 from .vloop import VirtualClock
@@ -56,8 +56,9 @@ class FakeFinnhub:
     rng: random.Random
     served: list[Served] = field(default_factory=list)
     requests: int = 0
-    paced_429: int = 0  # 429s finnstream's own pace caused (must stay 0)
-    _starts: deque[float] = field(default_factory=deque)
+    paced_429: int = 0  # 429s one process's own pace caused (must stay 0)
+    process: int = 0  # which process is asking (a new one knows nothing of its predecessor's pace)
+    _starts: deque[tuple[float, int]] = field(default_factory=deque)
 
     async def __call__(
         self, url: str, params: Mapping[str, str], headers: Mapping[str, str], timeout_s: float
@@ -89,18 +90,25 @@ class FakeFinnhub:
         return Answer(404, b'{"error":"not found"}')
 
     def _pace(self, asked: float) -> Answer | None:
-        """Finnhub's own limits: requests per second and per minute, answered 429 when over."""
-        while self._starts and self._starts[0] <= asked - 60.0:
+        """Finnhub's own limits: requests per second and per minute, answered 429 when over.
+        A 429 that this process's own requests alone would have drawn is counted: a restart
+        may run into its predecessor's requests, which no process can see."""
+        while self._starts and self._starts[0][0] <= asked - 60.0:
             self._starts.popleft()
-        last_second = sum(1 for s in self._starts if s > asked - 1.0)
-        if (
-            len(self._starts) >= self.plan.requests_per_minute
-            or last_second >= self.plan.requests_per_second
-        ):
-            self.paced_429 += 1
+        if self._over(self._starts, asked):
+            if self._over([s for s in self._starts if s[1] == self.process], asked):
+                self.paced_429 += 1
             return Answer(429, b'{"error":"API limit reached."}', retry_after="1")
-        self._starts.append(asked)
+        self._starts.append((asked, self.process))
         return None
+
+    def _over(self, starts: Iterable[tuple[float, int]], asked: float) -> bool:
+        window = list(starts)
+        last_second = sum(1 for t, _ in window if t > asked - 1.0)
+        return (
+            len(window) >= self.plan.requests_per_minute
+            or last_second >= self.plan.requests_per_second
+        )
 
     def _quote(self, symbol: str, asked: float, t: float) -> Answer:
         if (share := self.plan.level("finnhub_garbage", t)) and self.rng.random() < share:

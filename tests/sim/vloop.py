@@ -107,8 +107,11 @@ class VirtualLoop(asyncio.SelectorEventLoop):
         or collecting them would run their `finally` blocks, which a killed process never
         does); its file descriptors are closed, as the kernel would."""
         tasks = list(asyncio.all_tasks(self))
-        self._selector.close()  # type: ignore[attr-defined]
+        for task in tasks:
+            task._log_destroy_pending = False  # type: ignore[attr-defined]  # it died, not leaked
         self._close_self_pipe()  # type: ignore[attr-defined]
+        self._selector.close()  # type: ignore[attr-defined]
+        self._closed = True  # type: ignore[attr-defined]  # as good as closed: never run again
         return tasks
 
 
