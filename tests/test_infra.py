@@ -292,6 +292,34 @@ def test_compose_switches_to_real_finnhub_with_two_variables() -> None:
     assert env["FINNHUB_TOKEN"] == "not-a-real-token"
 
 
+def test_compose_override_runs_the_stack_on_the_hosts_localstack() -> None:
+    """docker-compose.host-localstack.yml (the container tier runs it): no LocalStack service,
+    the two finnstream services on the host's network, reaching LocalStack on loopback."""
+    proc = _run(
+        _compose_binary(),
+        "-f",
+        "docker-compose.yml",
+        "-f",
+        "docker-compose.host-localstack.yml",
+        "config",
+        "--format",
+        "json",
+        env={k: v for k, v in os.environ.items() if not k.startswith(("FINNHUB_", "FINNSTREAM_"))},
+    )
+    _assert_ok(proc)
+    services = json.loads(proc.stdout)["services"]
+    assert sorted(services) == ["finnhub-sim", "finnstream"]  # localstack only with its profile
+    finnstream, sim = services["finnstream"], services["finnhub-sim"]
+    assert finnstream["network_mode"] == sim["network_mode"] == "host"
+    assert list(finnstream["depends_on"]) == ["finnhub-sim"]
+    env = finnstream["environment"]
+    assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:4566"
+    assert env["FINNSTREAM_FINNHUB__BASE_URL"] == "http://127.0.0.1:8765/api/v1"
+    assert env["FINNSTREAM_HEALTH__HOST"] == "127.0.0.1"
+    assert sim["command"][sim["command"].index("--host") + 1] == "127.0.0.1"
+    assert finnstream["stop_grace_period"] == "30s"
+
+
 # --- config/localstack: the init hook ------------------------------------------------------------
 
 HOOK = ROOT / "config" / "localstack" / "init-finnstream.py"
