@@ -131,7 +131,7 @@ def sim_url() -> Iterator[str]:
         wait_for_port(port)
         yield f"http://127.0.0.1:{port}/api/v1"
     finally:
-        engine("rm", "--force", "--time", "0", name)
+        engine("rm", "--force", "--volumes", "--time", "0", name)
 
 
 @pytest.fixture

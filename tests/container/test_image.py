@@ -191,7 +191,7 @@ def test_daemon_passes_its_healthcheck_and_exits_0_on_sigterm(
         assert took < STOP_GRACE_S / 3, f"SIGTERM to exit took {took:.1f} s"
         print(f"\nSIGTERM to exit 0 in {took:.2f} s")
     finally:
-        engine("rm", "--force", "--time", "0", name)
+        engine("rm", "--force", "--volumes", "--time", "0", name)
 
 
 def port_taken(port: int) -> bool:
@@ -239,7 +239,7 @@ def test_the_build_machines_own_cas_are_not_in_the_image(tmp_path: Path) -> None
         exported = tmp_path / "image.tar"
         ok(engine("export", "--output", str(exported), name))
     finally:
-        engine("rm", "--force", name)
+        engine("rm", "--force", "--volumes", name)
     with tarfile.open(exported) as tar:
         for member in tar:
             if member.isfile() and member.size < 50_000_000:
