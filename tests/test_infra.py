@@ -37,7 +37,6 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TEMPLATE = ROOT / "deploy" / "cloudformation.yaml"
 SPOOL = "/var/lib/finnstream/spool"
-TMP = "/tmp"  # the container's /tmp, a volume of its own, not this machine's
 HEALTH_URL = "http://127.0.0.1:8080/healthz"
 LOCALSTACK_IMAGE = "localstack/localstack:4.14.0"
 
@@ -192,7 +191,7 @@ def test_runtime_stage_runs_as_non_root_with_health_and_graceful_stop() -> None:
     assert final["STOPSIGNAL"] == "SIGTERM"
     assert json.loads(final["ENTRYPOINT"]) == ["finnstream"]
     assert json.loads(final["CMD"]) == ["run"]
-    assert _volumes(final["VOLUME"]) == [SPOOL, TMP]
+    assert _volumes(final["VOLUME"]) == [SPOOL]  # the only place finnstream writes
     assert "PYTHONUNBUFFERED=1" in final["ENV"]
     probe = _healthcheck_probe(final["HEALTHCHECK"])
     assert probe[:3] == ["CMD", "python", "-c"]
@@ -201,13 +200,12 @@ def test_runtime_stage_runs_as_non_root_with_health_and_graceful_stop() -> None:
 
 def test_volumes_are_owned_by_the_runtime_user_before_they_become_volumes() -> None:
     """Fargate gives a task-storage mount the owner of the image's VOLUME path at that path (else
-    root, 0755): so the spool, and /tmp under a read-only root, must be the user's first."""
+    root, 0755): so the spool must be the user's first."""
     final = _final_stage()
     words = [w for w, _ in final]
     uid = dict(final)["USER"].split(":")[0]
     chown = next(i for i, (w, a) in enumerate(final) if w == "RUN" and f"chown -R {uid}" in a)
     assert f"--uid {uid}" in final[chown][1]
-    assert re.search(rf"chown {uid}:{uid} {TMP}\b", final[chown][1])
     assert chown < words.index("VOLUME")
 
 
@@ -303,6 +301,34 @@ def test_compose_switches_to_real_finnhub_with_two_variables() -> None:
     )["services"]["finnstream"]["environment"]
     assert env["FINNSTREAM_FINNHUB__BASE_URL"] == "https://finnhub.io/api/v1"
     assert env["FINNHUB_TOKEN"] == "not-a-real-token"
+
+
+def test_compose_override_runs_the_stack_on_the_hosts_localstack() -> None:
+    """docker-compose.host-localstack.yml (the container tier runs it): no LocalStack service,
+    the two finnstream services on the host's network, reaching LocalStack on loopback."""
+    proc = _run(
+        _compose_binary(),
+        "-f",
+        "docker-compose.yml",
+        "-f",
+        "docker-compose.host-localstack.yml",
+        "config",
+        "--format",
+        "json",
+        env={k: v for k, v in os.environ.items() if not k.startswith(("FINNHUB_", "FINNSTREAM_"))},
+    )
+    _assert_ok(proc)
+    services = json.loads(proc.stdout)["services"]
+    assert sorted(services) == ["finnhub-sim", "finnstream"]  # localstack only with its profile
+    finnstream, sim = services["finnstream"], services["finnhub-sim"]
+    assert finnstream["network_mode"] == sim["network_mode"] == "host"
+    assert list(finnstream["depends_on"]) == ["finnhub-sim"]
+    env = finnstream["environment"]
+    assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:4566"
+    assert env["FINNSTREAM_FINNHUB__BASE_URL"] == "http://127.0.0.1:8765/api/v1"
+    assert env["FINNSTREAM_HEALTH__HOST"] == "127.0.0.1"
+    assert sim["command"][sim["command"].index("--host") + 1] == "127.0.0.1"
+    assert finnstream["stop_grace_period"] == "30s"
 
 
 # --- config/localstack: the init hook ------------------------------------------------------------
@@ -610,7 +636,7 @@ def test_task_definition_matches_the_image(template: dict[str, Any]) -> None:
     # The same probe as the Dockerfile's HEALTHCHECK.
     docker_probe = _healthcheck_probe(dict(_final_stage())["HEALTHCHECK"])
     assert container["HealthCheck"]["Command"] == docker_probe
-    assert [m["ContainerPath"] for m in container["MountPoints"]] == [SPOOL, TMP]
+    assert [m["ContainerPath"] for m in container["MountPoints"]] == [SPOOL]
     service = _one(template, "AWS::ECS::Service")
     assert service["TaskDefinition"] == {"Ref": "TaskDefinition"}
     assert service["LaunchType"] == "FARGATE"
@@ -1067,16 +1093,14 @@ def test_each_shard_mounts_only_its_own_spool_over_tls_as_the_image_user(
 def test_root_file_system_is_read_only_and_what_is_written_has_a_volume(
     eight_shards: dict[str, Any],
 ) -> None:
-    assert TMP in _volumes(dict(_final_stage())["VOLUME"])  # so Fargate's /tmp is the user's
     for name, task in _resources(eight_shards, "AWS::ECS::TaskDefinition").items():
         props = task["Properties"]
         volumes = {v["Name"]: v for v in props["Volumes"]}
         [container] = props["ContainerDefinitions"]
         assert container["ReadonlyRootFilesystem"] is True, name
         mounts = {m["ContainerPath"]: m["SourceVolume"] for m in container["MountPoints"]}
-        assert set(mounts) == {SPOOL, TMP}, name
-        # /tmp is the task's own storage, never the shared file system.
-        assert volumes[mounts[TMP]] == {"Name": mounts[TMP]}, name
+        assert set(mounts) == {SPOOL}, name  # finnstream writes nowhere else
+        assert "EFSVolumeConfiguration" in volumes[mounts[SPOOL]], name
         env = {e["Name"]: e["Value"] for e in container["Environment"]}
         assert env["FINNSTREAM_SPOOL__DIR"] == SPOOL, name
 
