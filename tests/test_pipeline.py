@@ -101,12 +101,15 @@ async def test_symbols_the_pace_cannot_reach_within_the_minute_are_not_requested
             gaps = {g.symbol: g.reason for g in app.ledger.open_gaps()}
     assert code == 0  # everything fetched was delivered; the rest is in the gap ledger
     warning = next(e for e in logs if e["event"] == "config.over_capacity")
-    assert warning["symbols"] == 5 and warning["per_minute"] == minute_capacity(cfg.finnhub) == 2
+    assert warning["symbols"] == 5 and warning["fit_a_minute"] == minute_capacity(cfg.finnhub) == 2
     assert clock.skipped < 10  # nobody waited for the next minute's slots (main: 62 s)
     records = aws.records()
     landed = {r["symbol"] for r in records}
     assert len({r["minute"] for r in records}) == 1
-    # The minute window's 3 starts (the startup token check takes one) and no more were made.
-    assert sum(sim.stats.quote_requests.values()) == 3
+    # At most the minute window's 3 starts (the startup token check takes one) were made: the
+    # 3 symbols beyond what fits were not even asked for.
+    assert sum(sim.stats.quote_requests.values()) <= 3
     assert landed and set(gaps) == set(symbols) - landed
-    assert all("minute ran out before it could be requested" in r for r in gaps.values())
+    not_polled = [s for s, r in gaps.items() if "not polled" in r]
+    ran_out = [s for s, r in gaps.items() if "minute ran out before it could be requested" in r]
+    assert len(not_polled) == 3 and len(not_polled) + len(ran_out) == len(gaps)
