@@ -46,7 +46,7 @@ from finnstream.errors import FinnstreamError
 from finnstream.ledger import GapLedger
 from finnstream.records import Record
 from finnstream.schedule import FIRE_EARLY_S
-from finnstream.slots import Expected
+from finnstream.slots import Expected, SlotKeeper
 from finnstream.spool import Spool
 
 from .fakes import TOKEN, FakeFinnhub, FakeKinesis
@@ -234,6 +234,7 @@ class Simulation:
             stack.enter_context(stamina.set_testing(False))  # real backoff, on virtual time
             stack.enter_context(virtual_apscheduler(self.clock))
             stack.enter_context(faulty_disk(self.disk))
+            stack.enter_context(self._note_first_watermark())
             try:
                 self._fault_phase()
                 self._calm_phase()
@@ -310,6 +311,22 @@ class Simulation:
         self.outcome.ends.append(ended)
         return ended
 
+    @contextmanager
+    def _note_first_watermark(self) -> Iterator[None]:
+        """Where the promise begins: the first watermark a process made durable (its start's
+        minute less one); every expected slot after it must end as a record."""
+        real = SlotKeeper.account_downtime
+
+        def account(keeper: SlotKeeper, current: int) -> bool:
+            fresh = keeper.watermark is None
+            needs = real(keeper, current)
+            if fresh and self.first_watermark is None:
+                self.first_watermark = keeper.watermark
+            return needs
+
+        with mock.patch.object(SlotKeeper, "account_downtime", account):
+            yield
+
     # ---- checks ------------------------------------------------------------------------------
 
     def _expected(self, upto_wall: float) -> set[tuple[str, int]]:
@@ -339,8 +356,6 @@ class Simulation:
 
     def _check_accounted(self, ended: Ended) -> None:
         spooled, ledgered, watermark = self._durable_state()
-        if self.first_watermark is None:
-            self.first_watermark = watermark
         if watermark is None:
             return
         covered = self._delivered() | spooled | ledgered

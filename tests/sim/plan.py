@@ -104,7 +104,7 @@ class Plan:
             candles=rng.choice(["premium"] * 3 + ["free", "off"]),
             max_attempts=rng.randint(1, 3),
             every_minutes=rng.randint(1, 5),
-            spool_max_bytes=rng.choice([256 * 1024 * 1024] * 2 + [48 * 1024]),
+            spool_max_bytes=rng.choice([256 * 1024 * 1024] * 3 + [12 * 1024, 40 * 1024]),
             requests_per_minute=rng.choice([6000] * 4 + [max(2, n - 2)]),
             max_retries=rng.randint(0, 8),
             retries=rng.randint(0, 4),
@@ -114,6 +114,10 @@ class Plan:
             if rng.random() < 0.35:
                 for _ in range(rng.randint(1, 3)):
                     plan.spans.append(cls._span(rng, kind, plan.duration))
+        if plan.spool_max_bytes < 1024 * 1024 and rng.random() < 0.8:
+            # A small spool is only interesting while Kinesis refuses for long enough to fill it.
+            start = rng.uniform(0, plan.duration / 2)
+            plan.spans.append(Span("kinesis_down", round(start, 3), round(start + 20 * MINUTE, 3)))
         t = 0.0
         while True:
             t += rng.expovariate(1 / (20 * MINUTE))
