@@ -31,6 +31,7 @@ from finnstream.clock import SYSTEM_CLOCK, Clock, minute_slot, unless
 from finnstream.config import Config, aws_endpoint, aws_region, minute_capacity, shard_symbols
 from finnstream.cycle import QuoteCycle, split_over_capacity
 from finnstream.drain import SpoolDrainer
+from finnstream.emf import STANDBY_EVERY_S, EmfWriter
 from finnstream.errors import EXIT_OK, EXIT_UNDELIVERED, ConfigError, SpoolLocked
 from finnstream.finnhub import FinnhubClient
 from finnstream.health import HealthServer, HealthState
@@ -99,6 +100,12 @@ class App:
         self.exit_watchdog = exit_watchdog
         self.lock_wait_s = lock_wait_s  # None: a standby waits until it is stopped
         self.metrics = Metrics()
+        # CloudWatch metrics as log lines, for machines only (people read console logs).
+        self.emf = (
+            EmfWriter(self.metrics, cfg.kinesis.stream_name, cfg.shard.index)
+            if cfg.log.format == "json"
+            else None
+        )
         self.symbols = shard_symbols(cfg)
         self.region = aws_region(cfg, self.environ)
         self.health = HealthState(
@@ -202,7 +209,13 @@ class App:
         self.metrics.active.set(0)
         log.warning("lock.standby", dir=str(self.cfg.spool.dir), holder=holder)
         waited = self.clock.monotonic()
-        if await self.lock.acquire(self.clock, self.stopping, wait_s):
+        beat = self._spawn(self._standby_metrics(), "standby-metrics") if self.emf else None
+        try:
+            acquired = await self.lock.acquire(self.clock, self.stopping, wait_s)
+        finally:
+            if beat is not None:
+                beat.cancel()
+        if acquired:
             log.warning("lock.taken_over", waited_s=round(self.clock.monotonic() - waited, 2))
             return True
         if self.stopping.is_set():
@@ -212,6 +225,13 @@ class App:
             f"{self.cfg.spool.dir}, and it was not released within {wait_s:.0f} s: only one "
             "process may poll per spool.dir (stop it, or give this run its own spool.dir)"
         )
+
+    async def _standby_metrics(self) -> None:
+        """While standing by: a metrics line with only `Active` = 0, once a minute."""
+        assert self.emf is not None
+        while True:
+            self.emf.standby(self.clock.time())
+            await self.clock.sleep(STANDBY_EVERY_S)
 
     def _open_state(self) -> None:
         try:
@@ -347,14 +367,17 @@ class App:
         await self._account_downtime(minute)
         draining = asyncio.ensure_future(self.drainer.drain_all(self.stopping))
         is_open = self._is_open_fn()
+        report = None
         if is_open is not None and not is_open(minute):
             log.info("cycle.market_closed", minute=minute)
         else:
-            await self.run_cycle(minute, observe_lag=False)
+            report = await self.run_cycle(minute, observe_lag=False, metrics_line=False)
         await draining
         spool_empty = await self.drainer.drain_all(self.stopping)
         durable = await asyncio.to_thread(self.keeper.flush)
         self._update_gauges()
+        if report is not None and self.emf is not None:
+            self.emf.cycle(report)  # after the drain: this process writes no later line
         complete = spool_empty and durable and not self.stopping.is_set()
         return EXIT_OK if complete else EXIT_UNDELIVERED
 
@@ -411,8 +434,11 @@ class App:
         _, tick = await unless(self.stopping, self.ticker.next_tick())
         return tick
 
-    async def run_cycle(self, minute: int, *, observe_lag: bool = True) -> CycleReport:
-        """One cycle for `minute`: quotes fetched and published, the rest settled."""
+    async def run_cycle(
+        self, minute: int, *, observe_lag: bool = True, metrics_line: bool = True
+    ) -> CycleReport:
+        """One cycle for `minute`: quotes fetched and published, the rest settled; its metrics
+        line written (json logs) unless `metrics_line` is False."""
         started = self.clock.monotonic()
         minute_mono = started - (self.clock.time() - minute)
         self.health.last_cycle_mono = started
@@ -445,6 +471,8 @@ class App:
             took_s=took,
             on_time=observe_lag,
         )
+        if metrics_line and self.emf is not None:
+            self.emf.cycle(report)
         for listener in self.cycle_listeners:
             listener(report)
         fields = dataclasses.asdict(report)
