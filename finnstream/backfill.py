@@ -285,10 +285,7 @@ class Backfiller:
         refused = {id(r) for r in undelivered}
         delivered = [r for r in work.records if id(r) not in refused]
         report.undelivered += len(undelivered)
-        candles = sum(1 for r in delivered if r.source == "candle")
-        report.candles += candles
-        self._metrics.candles.inc(candles)
-        self._metrics.gaps_published.inc(sum(1 for r in delivered if r.source == "gap"))
+        report.candles += sum(1 for r in delivered if r.source == "candle")
         filled = {(r.symbol, r.minute) for r in work.records}
         attempts = [slot for slot in work.attempts if slot not in filled]
         heal = await asyncio.shield(

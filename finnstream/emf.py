@@ -121,10 +121,8 @@ class CounterDeltas:
         return {
             "RecordsDelivered": _value(m.records_delivered),
             "RecordsSpooled": _value(m.records_spooled),
-            # From the sink's count by source rather than gaps_published_total: a gap record
-            # Kinesis refused goes to the spool, and the drainer that delivers it later is
-            # counted here too.
-            "GapsPublished": _value(m.records_delivered, source="gap"),
+            # Counted by the sink when Kinesis accepts it, also after a stay in the spool.
+            "GapsPublished": _value(m.gaps_published),
         }
 
     def take(self) -> dict[str, int]:

@@ -193,6 +193,9 @@ class KinesisSink:
         delivered = Counter(r.source for r in records if id(r) not in failed_ids)
         for source, n in delivered.items():
             self._metrics.records_delivered.labels(source=source).inc(n)
+        # Counted where they land, so a record that went through the spool counts too.
+        self._metrics.candles.inc(delivered["candle"])
+        self._metrics.gaps_published.inc(delivered["gap"])
         for code, n in codes.items():
             self._metrics.records_retried.labels(error=code).inc(n)
         if failed:
