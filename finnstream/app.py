@@ -52,6 +52,8 @@ log = structlog.get_logger("finnstream.app")
 STOP_PUBLISH_GRACE_S = 20.0  # after SIGTERM, sends may go on this long; ECS waits 30 s
 STOP_EXIT_DEADLINE_S = 28.0  # the process exits by then whatever is stuck (a hung disk)
 PUBLISH_WINDOW_S = 50.0  # a cycle's records may be retried until this far into its minute
+PUBLISH_AT_LEAST_S = 8.0  # ... and a late cycle (a catch-up) at least this long, to 58 s at most
+PUBLISH_CUTOFF_S = 58.0
 RUN_ONCE_LOCK_WAIT_S = 30.0  # `run --once` waits this long for another process's lock
 LAG_PROBE_S = 0.1
 SKIPPED_REASON = "a newer minute was due before this cycle could start"
@@ -443,7 +445,11 @@ class App:
         minute_mono = started - (self.clock.time() - minute)
         self.health.last_cycle_mono = started
         self.metrics.last_cycle.set(minute)
-        publisher = Publisher(self.sink, self.clock, deadline=minute_mono + PUBLISH_WINDOW_S)
+        publish_by = max(
+            minute_mono + PUBLISH_WINDOW_S,
+            min(minute_mono + PUBLISH_CUTOFF_S, started + PUBLISH_AT_LEAST_S),
+        )
+        publisher = Publisher(self.sink, self.clock, deadline=publish_by)
         polled, shed = split_over_capacity(self.symbols, self.capacity, minute)
         outcome = await self.cycle.run(minute, polled, publisher, minute_mono)
         if shed:
@@ -451,7 +457,7 @@ class App:
             outcome.failed.update(dict.fromkeys(shed, OVER_CAPACITY))
         if observe_lag:
             self.metrics.schedule_lag.observe(max(0.0, outcome.lag_s))
-        undelivered = await self._finish(publisher)
+        undelivered = await self._finish(publisher, publish_by)
         settlement = Settlement(minute, list(undelivered), dict(outcome.failed))
         await asyncio.shield(asyncio.to_thread(self.keeper.settle, settlement))
         if undelivered:
@@ -481,11 +487,25 @@ class App:
         log.info("cycle.done", **fields, lag_ms=round(lag_s * 1000, 1), took_s=round(took_s, 3))
         return report
 
-    async def _finish(self, publisher: Publisher) -> list[Record]:
-        closed, undelivered = await unless(self._hard_stop, publisher.close())
-        if closed and undelivered is not None:
-            return undelivered
-        log.warning("app.stop_deadline", action="settling records still being sent")
+    async def _finish(self, publisher: Publisher, publish_by: float) -> list[Record]:
+        """The cycle's undelivered records, by `publish_by` (monotonic) at the latest: a send
+        still in flight then (a Kinesis call hanging until its read timeout) is abandoned and
+        its records settled as undelivered (they may have landed: at-least-once), so the next
+        tick never waits on this minute. A stop's grace deadline cuts it short the same way."""
+        closing = asyncio.ensure_future(publisher.close())
+        stopped = asyncio.ensure_future(self._hard_stop.wait())
+        timeout = max(0.0, publish_by - self.clock.monotonic())
+        done, _ = await asyncio.wait(
+            {closing, stopped}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        stopped.cancel()
+        if closing in done:
+            return closing.result()
+        closing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await closing
+        why = "stop deadline" if self._hard_stop.is_set() else "publish deadline"
+        log.warning("cycle.send_abandoned", why=why, action="settling records still being sent")
         return await publisher.abort()
 
     def _update_gauges(self) -> None:

@@ -55,6 +55,7 @@ class FakeFinnhub:
     clock: VirtualClock
     rng: random.Random
     served: list[Served] = field(default_factory=list)
+    candle_requests: list[tuple[str, int, int]] = field(default_factory=list)  # symbol, from, to
     requests: int = 0
     paced_429: int = 0  # 429s one process's own pace caused (must stay 0)
     process: int = 0  # which process is asking (a new one knows nothing of its predecessor's pace)
@@ -66,6 +67,8 @@ class FakeFinnhub:
         self.requests += 1
         t = self.clock.now
         asked = self.clock.time()
+        if urlsplit(url).path.endswith("/stock/candle"):  # a try, whatever comes back
+            self.candle_requests.append((params["symbol"], int(params["from"]), int(params["to"])))
         assert "token" not in url.lower() and all("token" not in k.lower() for k in params)
         if self.plan.level("finnhub_down", t):
             raise FinnhubError("GET: ClientConnectorError", retriable=True)

@@ -38,7 +38,7 @@ import stamina
 import structlog
 
 import finnstream.spool
-from finnstream.app import App, Deps
+from finnstream.app import App, CycleReport, Deps
 from finnstream.clock import MINUTE_S, minute_slot
 from finnstream.config import Config, minute_capacity
 from finnstream.cycle import RETRY_WINDOW_S
@@ -54,6 +54,8 @@ from .plan import MINUTE, UNKNOWN_SYMBOL, Event, Plan
 from .vloop import VirtualClock, VirtualLoop, virtual_apscheduler
 
 CALM_PHASE_S = 25 * MINUTE  # after the faults: long enough for every backfill to finish
+STOP_GRACE_S = 30.0  # ECS (and compose) kill a task this long after SIGTERM
+LATE_START_S = 2.0  # a cycle on its tick starts its first request within this of the minute
 RESTART_AFTER_FAILED_START_S = 30.0  # ECS restarts a task that exited, a little later
 SETTLED_BEFORE_END_S = 6 * MINUTE  # slots this recent may still be on their way at the end
 GRAVEYARD: list[Any] = []  # crashed processes' loops and tasks: not collected while the run goes
@@ -181,6 +183,9 @@ class Simulation:
         self.finnhub = FakeFinnhub(plan, self.clock, random.Random(plan.seed + 1))
         self.kinesis = FakeKinesis(plan, self.clock, random.Random(plan.seed + 2))
         self.outcome = Outcome(plan)
+        self.cycles: list[CycleReport] = []
+        self.starts: list[float] = []  # wall time each process started
+        self.paused: list[tuple[float, float]] = []  # wall time each pause began and ended
         self.first_watermark: int | None = None
         self.disk = Disk(plan, self.clock)
         self._is_open = self._market() if plan.market_hours else None
@@ -217,7 +222,7 @@ class Simulation:
             "spool": {"dir": str(self.dir)},
             "backfill": backfill,
             "health": {"port": 0},
-            "log": {"level": "DEBUG", "format": "json"},
+            "log": {"level": "DEBUG", "format": "console"},
         }
         cfg = Config.model_validate(doc)
         # Below the 1 MiB a user may set, so a short outage fills it.
@@ -272,9 +277,12 @@ class Simulation:
                 self.clock.advance(RESTART_AFTER_FAILED_START_S)
         self._check_complete()
         self._check_calm_quotes()
+        self._check_cycles_on_time()
         self._check_records()
 
     def _incarnation(self, cfg: Config, until: float, kill: bool, pauses: list[Event]) -> Ended:
+        until = max(until, self.clock.now)  # a signal planned while it was down comes at start
+        self.starts.append(self.clock.time())
         loop = VirtualLoop(self.clock)
         self.finnhub.process += 1
         app = App(
@@ -288,10 +296,18 @@ class Simulation:
             async with app:
                 return await app.run_forever()
 
+        app.cycle_listeners.append(self.cycles.append)
+
         for pause in pauses:
             if self.clock.now <= pause.at < until:
-                loop.call_at(pause.at, self.clock.advance, pause.length)
-        loop.call_at(until, loop.stop if kill else app.request_stop)
+                loop.call_at(pause.at, self._pause, pause.length)
+        signalled: list[float] = []
+
+        def sigterm() -> None:
+            signalled.append(self.clock.now)
+            app.request_stop()
+
+        loop.call_at(until, loop.stop if kill else sigterm)
         try:
             code = loop.run_until_complete(main())
         except FinnstreamError as exc:
@@ -308,8 +324,19 @@ class Simulation:
             ended = Ended("stopped", self.clock.now, code)
             if code != 0:
                 self.outcome.problems.append(f"a stop at {self.clock.now:.1f} s exited {code}")
+            took = self.clock.now - signalled[0] if signalled else 0.0
+            if took > STOP_GRACE_S:
+                self.outcome.problems.append(
+                    f"SIGTERM at {signalled[0]:.1f} s took {took:.1f} s to exit"
+                )
         self.outcome.ends.append(ended)
         return ended
+
+    def _pause(self, seconds: float) -> None:
+        """SIGSTOP, then SIGCONT `seconds` later: nothing runs, the clock goes on."""
+        began = self.clock.time()
+        self.clock.advance(seconds)
+        self.paused.append((began, self.clock.time()))
 
     @contextmanager
     def _note_first_watermark(self) -> Iterator[None]:
@@ -358,6 +385,7 @@ class Simulation:
         spooled, ledgered, watermark = self._durable_state()
         if watermark is None:
             return
+        self._check_attempts()
         covered = self._delivered() | spooled | ledgered
         lost = sorted(
             (m, s) for s, m in self._expected(self.clock.time()) - covered if m <= watermark
@@ -381,6 +409,44 @@ class Simulation:
                     return
         if spooled:
             self.outcome.problems.append(f"{len(spooled)} records still in the spool at the end")
+
+    def _check_cycles_on_time(self) -> None:
+        """A cycle on its tick starts at once, whatever the spool, Kinesis or backfill are
+        doing. Only a pause (which stops everything) may make a tick late; retries at a
+        failing Finnhub, which use up the minute window (they are bounded by the minute); or,
+        near the plan's capacity, a catch-up cycle late in the minute before, after a restart
+        (its requests hold the window: the next minute's start that late, then it settles)."""
+        paused = self.paused
+        failing = ("finnhub_down", "finnhub_5xx", "finnhub_429", "finnhub_slow", "finnhub_garbage")
+        for report in self.cycles:
+            if not report.on_time or report.lag_s < LATE_START_S:
+                continue
+            if any(a - MINUTE <= report.minute <= b + MINUTE for a, b in paused):
+                continue
+            if any(0 <= report.minute - start <= 2 * MINUTE for start in self.starts):
+                continue
+            since = report.minute - self.plan.start_epoch
+            recent = [since - back for back in range(0, 181, 5)]
+            if any(self.plan.scheduled(kind, t) for kind in failing for t in recent):
+                continue
+            self.outcome.problems.append(
+                f"the cycle of {report.minute} started {report.lag_s:.1f} s late"
+            )
+
+    def _check_attempts(self) -> None:
+        """A slot's failed tries are tries that were made: never more than the candle requests
+        that covered it (a stop while waiting for the limiter is not a try)."""
+        asked: dict[str, list[tuple[int, int]]] = {}
+        for symbol, first, last in self.finnhub.candle_requests:
+            asked.setdefault(symbol, []).append((first, last))
+        with self.disk.looked_at(), GapLedger(self.dir) as ledger:
+            gaps = ledger.open_gaps()
+        for gap in gaps:
+            tries = sum(1 for a, b in asked.get(gap.symbol, []) if a <= gap.minute <= b)
+            if gap.attempts > tries:
+                self.outcome.problems.append(
+                    f"({gap.symbol}, {gap.minute}): {gap.attempts} attempts, {tries} requests"
+                )
 
     def _check_calm_quotes(self) -> None:
         """With nothing failing, every minute's quotes land live (as many as fit the pace)."""

@@ -81,6 +81,10 @@ class Plan:
         levels = [s.level for s in self.spans if s.kind == kind and s.active(t)]
         return max(levels) if levels else None
 
+    def scheduled(self, kind: str, t: float) -> bool:
+        """The plan had this fault active at `t` (calm phase or not: for the checks)."""
+        return any(s.kind == kind and s.active(t) for s in self.spans)
+
     @property
     def known_symbols(self) -> list[str]:
         return [s for s in self.symbols if s != UNKNOWN_SYMBOL]
