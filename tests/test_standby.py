@@ -204,7 +204,7 @@ def one_line_without_traceback(err: str) -> str:
     return err
 
 
-async def test_one_process_polls_while_a_standby_and_a_run_once_wait(
+async def test_one_process_polls_while_standbys_and_a_run_once_wait_and_follow_the_holder(
     make_config: ConfigFactory, aws: Aws, sim: Simulator, spawn: Callable[..., Any], tmp_path: Path
 ) -> None:
     spool = tmp_path / "spool"
@@ -213,47 +213,64 @@ async def test_one_process_polls_while_a_standby_and_a_run_once_wait(
     await early_in_a_minute()
     active = await spawn("run", "--config", path, health=True)
     first = await active.event("cycle.done", 30)  # the catch-up cycle for the minute under way
-    standby = await spawn("run", "--config", path, health=True)
-    waiting = await standby.event("lock.standby", 30)
-    assert waiting["holder"].startswith(f"pid {active.pid} on ")
-    once = await spawn("run", "--once", "--config", path)
-
-    status, body = await get(f"{standby.base}/healthz")
-    assert status == 200, body
-    assert f"pid {active.pid}" in json.loads(body)["standby"]
-    status, body = await get(f"{standby.base}/readyz")
-    reason = json.loads(body)["reason"]
-    assert status == 503 and reason.startswith("standby: ") and str(spool) in reason
-    assert await standby.metric("finnstream_active") == 0
-    assert (await standby.event("metrics.standby", 5))["Active"] == 0  # CloudWatch's view
+    standbys = [await spawn("run", "--config", path, health=True) for _ in range(2)]
+    for standby in standbys:
+        waiting = await standby.event("lock.standby", 30)
+        assert waiting["holder"].startswith(f"pid {active.pid} on ")
+        status, body = await get(f"{standby.base}/healthz")
+        assert status == 200 and f"pid {active.pid} on " in json.loads(body)["standby"], body
+        status, body = await get(f"{standby.base}/readyz")
+        reason = json.loads(body)["reason"]
+        assert status == 503 and reason.startswith("standby: ") and str(spool) in reason
+        assert await standby.metric("finnstream_active") == 0
+        assert (await standby.event("metrics.standby", 5))["Active"] == 0  # CloudWatch's view
     assert await active.metric("finnstream_active") == 1
     assert (await get(f"{active.base}/readyz"))[0] == 200
+    # `run --once` waits 30 s: started so that its wait outlasts the next tick and a takeover.
+    await asyncio.sleep(max(0.0, 35 - time.time() % 60))
+    once = await spawn("run", "--once", "--config", path)
 
-    # The next tick: the active process polls it; the standby and `run --once` still wait.
+    # The next tick: the active process polls it; the standbys and `run --once` still wait.
     tick = await active.event("cycle.done", 75, lambda e: e["minute"] > first["minute"])
     assert tick["delivered"] == len(symbols)
-    # `run --once` gives up after its bounded wait (30 s), naming the holder and the directory.
-    assert await once.wait(45) == 3
-    waited = once.ended - once.started
-    assert 30 <= waited < 40, waited
-    err = one_line_without_traceback(once.stderr)
-    assert f"pid {active.pid} on " in err and str(spool) in err
-    assert not once.named("app.ready") and not once.named("cycle.done")
-
-    assert not standby.named("cycle.done") and not standby.named("app.ready")
-    assert await standby.metric("finnstream_active") == 0
-    assert await standby.metric("finnstream_quotes_total") == 0
-    standby.signal(signal.SIGTERM)
-    assert await standby.wait(10) == 0, standby
-    assert not lock_is_free(spool)  # the standby's exit leaves the active one's lock alone
+    for standby in standbys:
+        assert not standby.named("cycle.done") and not standby.named("app.ready")
+        assert await standby.metric("finnstream_quotes_total") == 0
     active.signal(signal.SIGTERM)
     assert await active.wait(30) == 0, active
+
+    # One standby takes over; the other and `run --once` now wait for it, and say so.
+    taken = await asyncio.wait(
+        [asyncio.create_task(s.event("lock.taken_over", 10)) for s in standbys],
+        return_when=asyncio.FIRST_COMPLETED,
+    )
+    (new,) = [s for s in standbys if s.named("lock.taken_over")]
+    (other,) = [s for s in standbys if s is not new]
+    for task in taken[1]:
+        task.cancel()
+    follows = await other.event("lock.standby", 10, lambda e: f"pid {new.pid} on " in e["holder"])
+    status, body = await get(f"{other.base}/readyz")
+    assert status == 503 and follows["holder"] in json.loads(body)["reason"]
+    await new.event("app.ready", 10)
+    assert await new.metric("finnstream_active") == 1
+    # `run --once` gives up after its bounded wait, naming the holder and the directory.
+    assert await once.wait(45) == 3
+    assert 30 <= once.ended - once.started < 40, once.ended - once.started
+    err = one_line_without_traceback(once.stderr)
+    assert f"pid {new.pid} on " in err and str(spool) in err
+    assert not once.named("app.ready") and not once.named("cycle.done")
+
+    other.signal(signal.SIGTERM)
+    assert await other.wait(10) == 0, other
+    assert not lock_is_free(spool)  # a standby's exit leaves the active one's lock alone
+    new.signal(signal.SIGTERM)
+    assert await new.wait(30) == 0, new
     assert lock_is_free(spool)
 
     minutes = {first["minute"], tick["minute"]}
-    served = {(s, m) for s, m, _ in sim.stats.served}
-    assert served == {(s, m) for s in symbols for m in minutes}
-    assert asked_twice(sim, symbols[0], checks=1) == {}
+    polled = {(s, m) for s, m, _ in sim.stats.served}
+    assert polled == {(s, m) for s in symbols for m in minutes}  # the new one repolled nothing
+    assert asked_twice(sim, symbols[0], checks=2) == {}
     landed = keys(aws.records())
     assert set(landed) == {(s, m, "quote") for s in symbols for m in minutes}
     assert set(landed.values()) == {1}
