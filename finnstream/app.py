@@ -55,6 +55,7 @@ PUBLISH_WINDOW_S = 50.0  # a cycle's records may be retried until this far into 
 PUBLISH_AT_LEAST_S = 8.0  # ... and a late cycle (a catch-up) at least this long, to 58 s at most
 PUBLISH_CUTOFF_S = 58.0
 RUN_ONCE_LOCK_WAIT_S = 30.0  # `run --once` waits this long for another process's lock
+HOLDER_CHECK_S = 1.0  # a standby re-reads who holds the lock this often (it may change hands)
 LAG_PROBE_S = 0.1
 SKIPPED_REASON = "a newer minute was due before this cycle could start"
 OVER_CAPACITY = "not polled: more symbols than the plan's pace fits a minute (see check-config)"
@@ -123,6 +124,7 @@ class App:
         self.ticker: Ticker | None = None
         self.cycle_listeners: list[Callable[[CycleReport], None]] = []
         self.health_server: HealthServer | None = None
+        self._holder = ""  # standing by: who holds the spool lock, as it wrote it
 
     # ---- start -------------------------------------------------------------------------------
 
@@ -205,28 +207,43 @@ class App:
     async def _take_lock(self, wait_s: float | None) -> bool:
         if await asyncio.to_thread(self.lock.try_acquire):
             return True
-        holder = self.lock.holder()
-        reason = f"standby: {holder} holds the spool lock on {self.cfg.spool.dir}"
-        self.health.standby = reason
         self.metrics.active.set(0)
-        log.warning("lock.standby", dir=str(self.cfg.spool.dir), holder=holder)
+        self._stand_by(await asyncio.to_thread(self.lock.holder))
         waited = self.clock.monotonic()
-        beat = self._spawn(self._standby_metrics(), "standby-metrics") if self.emf else None
+        watchers = [self._spawn(self._follow_holder(), "standby-holder")]
+        if self.emf:
+            watchers.append(self._spawn(self._standby_metrics(), "standby-metrics"))
         try:
             acquired = await self.lock.acquire(self.clock, self.stopping, wait_s)
         finally:
-            if beat is not None:
-                beat.cancel()
+            for task in watchers:
+                task.cancel()
         if acquired:
             log.warning("lock.taken_over", waited_s=round(self.clock.monotonic() - waited, 2))
             return True
         if self.stopping.is_set():
             return False
+        holder = await asyncio.to_thread(self.lock.note) or self._holder
         raise SpoolLocked(
             f"another finnstream process ({holder}) holds the spool directory "
             f"{self.cfg.spool.dir}, and it was not released within {wait_s:.0f} s: only one "
             "process may poll per spool.dir (stop it, or give this run its own spool.dir)"
         )
+
+    def _stand_by(self, holder: str) -> None:
+        """Standing by while `holder` has the lock: said in the log (each time the lock changes
+        hands, as when another standby took over) and in `/readyz`."""
+        self._holder = holder
+        self.health.standby = f"standby: {holder} holds the spool lock on {self.cfg.spool.dir}"
+        log.warning("lock.standby", dir=str(self.cfg.spool.dir), holder=holder)
+
+    async def _follow_holder(self) -> None:
+        """While standing by: who holds the lock now (another standby may have taken it)."""
+        while True:
+            await self.clock.sleep(HOLDER_CHECK_S)
+            note = await asyncio.to_thread(self.lock.note)
+            if note and note != self._holder:  # "": the new holder is writing its note
+                self._stand_by(note)
 
     async def _standby_metrics(self) -> None:
         """While standing by: a metrics line with only `Active` = 0, once a minute."""

@@ -76,13 +76,17 @@ class SpoolLock:
             log.warning("lock.note_failed", error=str(exc))
         return True
 
+    def note(self) -> str:
+        """What the last process to take the lock wrote about itself; "" if nothing is there
+        (not written yet, or being rewritten) or the file cannot be read."""
+        try:
+            return self.path.read_text(encoding="utf-8", errors="replace").strip()
+        except OSError:
+            return ""
+
     def holder(self) -> str:
         """Who holds the lock, as the holder wrote it (best effort)."""
-        try:
-            text = self.path.read_text(encoding="utf-8", errors="replace").strip()
-        except OSError:
-            text = ""
-        return text or "another process"
+        return self.note() or "another process"
 
     async def acquire(
         self, clock: Clock, stop: asyncio.Event, timeout_s: float | None = None
