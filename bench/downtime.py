@@ -118,7 +118,7 @@ class Run:
     moto_rss_kb: int = 0
     rate_limited: int = 0
     candle_requests: int = 0
-    stalls: list[tuple[float, str]] = field(default_factory=list)  # `--stalls`: (ms, stack)
+    stalls: list[tuple[float, float, str]] = field(default_factory=list)  # `--stalls`: ms, t, stack
 
     def first(self, name: str) -> tuple[float, dict[str, Any]] | None:
         return next(((t, e) for t, e in self.events if e.get("event") == name), None)
@@ -240,7 +240,7 @@ async def run_mode(mode: Mode, moto: Moto, seconds: float, stall_ms: float | Non
                 child.kill()
                 await logs
             child.stderr.seek(0)
-            run.stalls = stall_stacks(child.stderr.read())
+            run.stalls = stall_stacks(child.stderr.read(), run.started_wall)
             with contextlib.suppress(OSError, KeyError):
                 run.moto_rss_kb = proc_status(moto.process.pid)["VmRSS"]
             run.rate_limited = sim.stats.rate_limited
@@ -345,8 +345,8 @@ def notes(run: Run) -> None:
         f"{name}: CPU s: finnstream {run.cpu_s:.0f}, moto {run.moto_cpu_s:.0f}, simulator and "
         f"bench {run.bench_cpu_s:.0f}; moto's RSS {run.moto_rss_kb / 1024:.0f} MB (its own process)"
     )
-    for ms, stack in sorted(run.stalls, reverse=True)[:STALLS_SHOWN]:
-        print(f"{name}: the loop stalled {ms:.0f} ms (or more) in:\n{stack}")
+    for ms, t, stack in sorted(run.stalls, reverse=True)[:STALLS_SHOWN]:
+        print(f"{name}: at {t:.1f} s the loop stalled {ms:.0f} ms (or more) in:\n{stack}")
     for problem in ("backfill.ledger_failed", "app.task_crashed"):
         for event in run.all(problem):
             print(f"{name}: {problem}: {event}")
@@ -367,12 +367,13 @@ def timeline(run: Run) -> None:
     print()
 
 
-def stall_stacks(stderr: str) -> list[tuple[float, str]]:
-    """bench/stallwatch.py's `stall.stack` blocks: (ms, the innermost frames)."""
+def stall_stacks(stderr: str, started_wall: float) -> list[tuple[float, float, str]]:
+    """bench/stallwatch.py's `stall.stack` blocks: (ms, s after exec, the innermost frames)."""
     out = []
-    for block in re.findall(r"stall\.stack ([0-9]+) ms at [0-9.]+\n(.*?)stall\.end", stderr, re.S):
-        frames = [line for line in block[1].splitlines() if line.startswith('  File "')]
-        out.append((float(block[0]), "\n".join(frames[-STALL_FRAMES:])))
+    pattern = r"stall\.stack ([0-9]+) ms at ([0-9.]+)\n(.*?)stall\.end"
+    for ms, wall, stack in re.findall(pattern, stderr, re.S):
+        frames = [line for line in stack.splitlines() if line.startswith('  File "')]
+        out.append((float(ms), float(wall) - started_wall, "\n".join(frames[-STALL_FRAMES:])))
     return out
 
 
