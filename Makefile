@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: help venv demo check lint types test test-fast test-localstack test-container lint-infra bench soak lock clean
+.PHONY: help venv demo check lint types test test-fast test-localstack test-container lint-infra bench soak bench-downtime lock clean
 
 help:
 	@echo "make demo             the pipeline end to end on local stand-ins (Ctrl-C to stop)"
@@ -12,6 +12,7 @@ help:
 	@echo "make test-localstack  the compose path against real LocalStack 4.14.0 (Python 3.13)"
 	@echo "make test-container   the image built and run by podman, compose on host LocalStack"
 	@echo "make bench            the benchmark (prints figures; see README, Performance)"
+	@echo "make bench-downtime   three days of downtime at 1,800 symbols: RSS and loop stalls"
 
 $(STAMP): pyproject.toml requirements-dev.lock
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +51,9 @@ bench: $(STAMP)
 
 soak: $(STAMP)
 	$(BIN)/python bench/bench.py --soak
+
+bench-downtime: $(STAMP)
+	$(BIN)/python bench/bench.py --downtime
 
 # Regenerate the pinned sets after changing dependencies in pyproject.toml.
 lock:

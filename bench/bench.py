@@ -5,6 +5,7 @@
     .venv/bin/python bench/bench.py --scenario s3    # one scenario
     .venv/bin/python bench/bench.py --soak           # ten minutes of fast cycles: RSS and fds
     .venv/bin/python bench/bench.py --scenario s1 --profile /tmp/prof   # under py-spy, if present
+    .venv/bin/python bench/bench.py --downtime       # issue 8: three days down, 1,800 symbols
 
 finnstream runs in its own process (bench/driver.py: `App` ticked by the real `Ticker` every few
 seconds), so its CPU and peak RSS come from os.wait4 and /proc, untouched by the stand-ins. The
@@ -109,15 +110,30 @@ def proc_status(pid: int) -> dict[str, int]:
 
 
 def _serve_moto(
-    port: Any, calls: Synchronized[int], records: Synchronized[int], last: Synchronized[float]
+    port: Any,
+    calls: Synchronized[int],
+    records: Synchronized[int],
+    last: Synchronized[float],
+    keep_records: bool,
 ) -> None:
-    from moto.kinesis.models import Shard  # noqa: PLC0415 - in the child only
+    from moto.kinesis.models import Record, Shard  # noqa: PLC0415 - in the child only
     from moto.kinesis.responses import KinesisResponse  # noqa: PLC0415
     from moto.server import ThreadedMotoServer  # noqa: PLC0415
 
     # moto lists every key of the shard to find its last sequence number, so each put costs
     # O(records stored) and the stand-in slows down as a run goes on; this is the same, O(1).
     Shard.get_max_sequence_number = lambda self: next(reversed(self.records), 0)  # type: ignore[method-assign]
+    if not keep_records:  # millions of puts: keep only each shard's last record (its sequence)
+        put_record = Shard.put_record
+
+        def forgetful(self: Shard, *args: Any) -> str:
+            sequence: str = put_record(self, *args)
+            while len(self.records) > 1:
+                del self.records[next(iter(self.records))]
+            Record.instances_tracked.clear()  # moto's BaseModel lists every instance ever made
+            return sequence
+
+        Shard.put_record = forgetful  # type: ignore[method-assign]
 
     original = KinesisResponse.put_records
 
@@ -146,11 +162,12 @@ class Moto:
     last_put: Synchronized[float]
 
     @classmethod
-    def start(cls) -> Moto:
+    def start(cls, keep_records: bool = True) -> Moto:
         ctx = mp.get_context("spawn")
         port = ctx.Queue()
         calls, records, last = ctx.Value("q", 0), ctx.Value("q", 0), ctx.Value("d", 0.0)
-        process = ctx.Process(target=_serve_moto, args=(port, calls, records, last), daemon=True)
+        args = (port, calls, records, last, keep_records)
+        process = ctx.Process(target=_serve_moto, args=args, daemon=True)
         process.start()
         moto = cls(process, f"http://127.0.0.1:{port.get(timeout=60)}", calls, records, last)
         sm = boto3.client("secretsmanager", endpoint_url=moto.url, region_name=REGION)
@@ -446,6 +463,11 @@ def verdicts(results: list[Result], naive: tuple[float, int] | None) -> None:
 async def main(args: argparse.Namespace) -> int:
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench")
     print(f"finnstream bench: {os.cpu_count()} cores, Python {sys.version.split()[0]}")
+    if args.downtime:
+        import downtime  # noqa: PLC0415 - bench/downtime.py, the long-downtime scenario
+
+        modes = args.modes.split(",") if args.modes else list(downtime.MODES)
+        return await downtime.main(modes, args.seconds, args.stalls)
     moto = await asyncio.to_thread(Moto.start)
     try:
         if args.soak:
@@ -484,4 +506,19 @@ if __name__ == "__main__":
     parser.add_argument("--no-naive", action="store_true", help="skip the naive baseline")
     parser.add_argument("--ticks", type=int, help="counted ticks per scenario (overrides)")
     parser.add_argument("--profile", type=Path, help="record py-spy profiles into this directory")
+    parser.add_argument(
+        "--downtime",
+        action="store_true",
+        help="issue 8: `finnstream run` three days after it last ran, 1,800 symbols (RSS, loop)",
+    )
+    parser.add_argument("--modes", help="with --downtime: candles, gaps, free (comma-separated)")
+    parser.add_argument(
+        "--seconds", type=float, default=180.0, help="with --downtime: how long each run lasts"
+    )
+    parser.add_argument(
+        "--stalls",
+        type=float,
+        metavar="MS",
+        help="with --downtime: print where the daemon's loop stalled this long (stallwatch.py)",
+    )
     sys.exit(asyncio.run(main(parser.parse_args())))

@@ -8,6 +8,11 @@ the scheduler, the limiter, aiohttp, the publisher and aiobotocore exactly as th
 Each tick's due time is the whole second it was scheduled for, turned into this process's
 monotonic clock (CLOCK_MONOTONIC is system-wide on Linux, so the bench can compare it with the
 simulator's arrival times). Prints one JSON line `bench.cycle` per cycle beside the app's logs.
+
+A cycle's minute is decided by the app's wall clock (its deadlines run from the minute's second
+0), so the app gets a `TickClock`: the wall clock shifted at every tick so that the tick's due
+second is second 0 of a new minute slot, one minute after the previous tick's. Each tick is then
+a minute of its own, as in the daemon, with its whole minute ahead of it.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Any
 from apscheduler.triggers.cron import CronTrigger
 
 from finnstream.app import App, CycleReport
+from finnstream.clock import MINUTE_S, minute_slot
 from finnstream.config import load_config
 from finnstream.logs import configure_logging
 from finnstream.schedule import Ticker
@@ -59,6 +65,41 @@ class GcTimer:
         self.full += info["generation"] == 2
 
 
+class TickClock:
+    """The real clock, its wall time shifted so each tick starts a minute slot of its own."""
+
+    def __init__(self) -> None:
+        self._offset = 0.0
+        self._minute: int | None = None
+
+    def time(self) -> float:
+        return time.time() + self._offset
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(max(0.0, seconds))
+
+    def new_minute(self, due_wall: float) -> int:
+        """The minute slot for a tick due at `due_wall`: from then on, that is its second 0."""
+        if self._minute is None:
+            self._minute = minute_slot(due_wall) + MINUTE_S
+        else:
+            self._minute += MINUTE_S  # the wall clock only ever jumps forward
+        self._offset = self._minute - due_wall
+        return self._minute
+
+
+class BenchTicker(Ticker):
+    """The daemon's Ticker, queuing every fire: the bench's ticks are seconds apart and each is a
+    minute of its own (`TickClock`), where the daemon's queues a minute slot only once."""
+
+    def fire(self, wall: float, mono: float, *, catch_up: bool = False) -> None:
+        self._last_queued = None
+        super().fire(wall, mono, catch_up=catch_up)
+
+
 def emit(event: str, **fields: Any) -> None:
     print(json.dumps({"event": event, **fields}), flush=True)
 
@@ -66,7 +107,8 @@ def emit(event: str, **fields: Any) -> None:
 async def drive(config: str, every: int, ticks: int) -> None:
     cfg, _ = load_config(config)
     configure_logging(cfg.log.level, cfg.log.format)
-    app = App(cfg)
+    clock = TickClock()
+    app = App(cfg, clock=clock)
     reports: list[CycleReport] = []
     app.cycle_listeners.append(reports.append)
     gc_timer = GcTimer()
@@ -79,7 +121,7 @@ async def drive(config: str, every: int, ticks: int) -> None:
             mono=time.monotonic(),
             gc_tracked=tracked,
         )
-        ticker = Ticker(cfg.schedule.cron)
+        ticker = BenchTicker(cfg.schedule.cron)
         ticker.trigger = CronTrigger(second=f"*/{every}", timezone=dt.UTC)
         ticker.start()
         try:
@@ -88,7 +130,7 @@ async def drive(config: str, every: int, ticks: int) -> None:
                 due = math.floor(tick.fired_wall)  # the trigger fires on whole seconds
                 tick_mono = tick.fired_mono - (tick.fired_wall - due)
                 before, gc_before, full_before = cpu_s(), gc_timer.seconds, gc_timer.full
-                await app.run_cycle(tick.minute, tick_mono)
+                await app.run_cycle(clock.new_minute(due))
                 spent = cpu_s() - before
                 report = reports[-1]
                 overran = 0

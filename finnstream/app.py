@@ -406,6 +406,7 @@ class App:
             log.info("app.stopped", standby=True)
             return EXIT_OK
         self._spawn(self._stop_watcher(), "stop-watcher")
+        self._spawn(self._watch_loop_lag(), "loop-lag")  # from before the downtime is accounted
         self.ticker = Ticker(self.cfg.schedule.cron, clock=self.clock, is_open=self._is_open_fn())
         ticker = self.ticker
         self.health.scheduler_alive = lambda: ticker.alive
@@ -419,7 +420,6 @@ class App:
         self._spawn(self.drainer.run(self.stopping), "spool-drainer")
         # Turned off, the loop still publishes the ledger's slots as `gap` records.
         self._spawn(self.backfiller.loop(self.stopping), "backfill")
-        self._spawn(self._watch_loop_lag(), "loop-lag")
         while not self.stopping.is_set():
             tick = await self._next_tick()
             if tick is None:
