@@ -20,8 +20,8 @@ Measured from the moment the signal is sent:
 - catch-up: for `sigkill mid-cycle`, to the first quote of the catch-up cycle for that minute.
 
 It also counts the slots of the signalled minute that neither process asked for: a process
-stopped mid-cycle ledgers the quotes it had not requested yet ("stopped before the quote was
-requested"), and the standby, finding the minute accounted for, leaves them to backfill.
+stopped mid-cycle ledgers the quotes it had not requested yet and leaves the minute unsettled,
+so the standby's catch-up cycle asks for them (the count should be 0).
 
 The simulator runs in this process and moto in a spawned one (bench/bench.py's), so the clocks
 compare directly (CLOCK_MONOTONIC and the wall clock are system-wide). Prints figures; asserts

@@ -29,7 +29,7 @@ from aiobotocore.session import AioSession
 from finnstream.backfill import Backfiller
 from finnstream.clock import SYSTEM_CLOCK, Clock, minute_slot, unless
 from finnstream.config import Config, aws_endpoint, aws_region, minute_capacity, shard_symbols
-from finnstream.cycle import QuoteCycle, split_over_capacity
+from finnstream.cycle import STOPPED_REASON, QuoteCycle, split_over_capacity
 from finnstream.drain import SpoolDrainer
 from finnstream.emf import STANDBY_EVERY_S, EmfWriter
 from finnstream.errors import EXIT_OK, EXIT_UNDELIVERED, ConfigError, SpoolLocked
@@ -183,7 +183,7 @@ class App:
         self._stack.callback(self.lock.release)  # after the ledger and spool are closed
         await asyncio.to_thread(self._open_state)
         self._stack.callback(self.keeper.ledger.close)
-        await self.client.check_token(self.symbols[0])
+        await self.client.check_token()
         self.cycle = QuoteCycle(self.client, self.limiter, self.metrics, self.clock)
         self.backfiller = Backfiller(
             self.client, self.keeper, self.sink, cfg.backfill, self.metrics, self.clock
@@ -475,7 +475,15 @@ class App:
         if observe_lag:
             self.metrics.schedule_lag.observe(max(0.0, outcome.lag_s))
         undelivered = await self._finish(publisher, publish_by)
-        settlement = Settlement(minute, list(undelivered), dict(outcome.failed))
+        settlement = Settlement(
+            minute,
+            list(undelivered),
+            dict(outcome.failed),
+            # A stop cut the cycle short: whoever runs next in this minute polls it again.
+            complete=STOPPED_REASON not in outcome.failed.values(),
+            # A catch-up may fill slots the process before it ledgered for this minute.
+            filled=[] if observe_lag else _filled(polled, outcome.failed, outcome.unknown),
+        )
         await asyncio.shield(asyncio.to_thread(self.keeper.settle, settlement))
         if undelivered:
             self.drainer.wake()
@@ -591,6 +599,12 @@ class App:
         )
         complete = not spooled and not lost and not self.stopping.is_set()
         return EXIT_OK if complete else EXIT_UNDELIVERED
+
+
+def _filled(polled: Sequence[str], failed: Mapping[str, str], unknown: Sequence[str]) -> list[str]:
+    """Symbols whose quote a cycle delivered or spooled."""
+    missing = {*failed, *unknown}
+    return [s for s in polled if s not in missing]
 
 
 def _start_exit_watchdog(seconds: float) -> None:

@@ -25,6 +25,7 @@ from finnstream.transport import AiohttpTransport, Answer, Transport
 log = structlog.get_logger("finnstream.finnhub")
 
 TOKEN_HEADER = "X-Finnhub-Token"
+TOKEN_CHECK_SYMBOL = "FINNSTREAM-TOKEN-CHECK"
 MAX_CONNECTIONS = 250  # concurrent sockets to Finnhub; the limiter, not this, sets the pace
 REFRESH_EVERY_S = 60.0  # re-read a rotated secret at most once a minute
 RETRY_WAIT_INITIAL_S = 0.1
@@ -158,8 +159,10 @@ class FinnhubClient:
         body = await self._get_retrying("/stock/candle", params, deadline, Priority.BACKGROUND)
         return parse_candles(symbol, body)
 
-    async def check_token(self, symbol: str) -> None:
-        """One request at startup: a 401 means the token is wrong (exit 3)."""
+    async def check_token(self, symbol: str = TOKEN_CHECK_SYMBOL) -> None:
+        """One request at startup: a 401 means the token is wrong (exit 3). It asks for a
+        symbol no one configures (Finnhub answers 200 with zeros for an unknown one), so a
+        process that takes over never asks a configured symbol twice in a minute."""
         deadline = self._clock.monotonic() + self._timeout_s * (self._retries + 1)
         try:
             await self._get_retrying(

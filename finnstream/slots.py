@@ -88,6 +88,8 @@ class Settlement:
     undelivered: list[Record] = field(default_factory=list)  # to the spool
     failed: dict[str, str] = field(default_factory=dict)  # symbol -> reason: to the ledger
     spooled: bool = False  # the undelivered records are already durable in the spool
+    complete: bool = True  # False: a stop cut it short; the watermark stays before the minute
+    filled: list[str] = field(default_factory=list)  # symbols delivered or spooled: unledger
 
 
 @dataclass(frozen=True)
@@ -226,10 +228,12 @@ class SlotKeeper:
             write.add_gaps(((symbol, s.minute) for symbol in symbols), reason)
         if self.watermark is not None and self.watermark + MINUTE_S < s.minute:
             write.windows = self._windows(self.watermark + MINUTE_S, s.minute, NO_CYCLE)
-        write.watermark = s.minute
+        write.resolve = [(symbol, s.minute) for symbol in s.filled]
+        done = s.minute if s.complete else s.minute - MINUTE_S
+        write.watermark = done
         self.ledger.commit(write)
         _log_windows("ledger.missed_minutes", write.windows)
-        self.watermark = s.minute if self.watermark is None else max(self.watermark, s.minute)
+        self.watermark = done if self.watermark is None else max(self.watermark, done)
         for minute in [m for m in self._dropped if m <= self.watermark]:
             del self._dropped[minute]
 

@@ -21,6 +21,7 @@ from moto.kinesis.models import Shard
 from moto.server import ThreadedMotoServer
 
 from finnstream.clock import SystemClock
+from finnstream.finnhub import TOKEN_CHECK_SYMBOL
 from finnstream.ledger import GapLedger
 from finnstream.simulator import Simulator, SimulatorSettings
 
@@ -214,6 +215,12 @@ async def early_in_a_minute(latest_second: float = 45.0) -> None:
     second = time.time() % 60.0
     if second > latest_second:
         await asyncio.sleep(60.0 - second + 0.5)
+
+
+def quotes_served(sim: Simulator) -> list[tuple[str, int, Any]]:
+    """The quotes the simulator answered for configured symbols (not the start-up token check,
+    which asks for a symbol nobody configures)."""
+    return [q for q in sim.stats.served if q[0] != TOKEN_CHECK_SYMBOL]
 
 
 def open_slots(spool_dir: Path) -> set[tuple[str, int]]:

@@ -13,7 +13,7 @@ from finnstream.clock import minute_slot
 from finnstream.config import load_config, minute_capacity
 from finnstream.simulator import Simulator, quote_for
 
-from .conftest import Aws, ConfigFactory, current_wall
+from .conftest import Aws, ConfigFactory, current_wall, quotes_served
 
 ODD = [
     "AAPL",
@@ -52,7 +52,7 @@ async def test_one_cycle_lands_one_true_record_per_known_symbol(
     assert len(minutes) == 1
     (minute,) = minutes
     assert minute % 60 == 0
-    served = {(s, m): body for s, m, body in sim.stats.served}
+    served = {(s, m): body for s, m, body in quotes_served(sim)}
     for rec in records:
         body = served[(rec["symbol"], minute)]
         assert body == quote_for(rec["symbol"], minute)
