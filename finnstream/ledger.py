@@ -129,7 +129,7 @@ class LedgerWrite:
 
     gaps: dict[str, list[Slot]] = field(default_factory=dict)  # reason -> new open slots
     windows: list[NewWindow] = field(default_factory=list)
-    resolve: list[Slot] = field(default_factory=list)  # filled: forget them
+    resolve: list[Slot] = field(default_factory=list)  # filled: forget them (unless `gaps` has them)
     attempts: dict[str, list[Slot]] = field(default_factory=dict)  # reason -> one more try
     watermark: int | None = None  # move accounted_through forward to this minute
 
@@ -276,10 +276,12 @@ class GapLedger:
                 )
             added = conn.total_changes - before
             before = conn.total_changes
-            if write.resolve:
-                conn.executemany(
-                    "DELETE FROM gaps WHERE symbol = ? AND minute = ?", _unique(write.resolve)
-                )
+            # A slot this same write ledgers (its record refused by the spool, say) is not filled,
+            # whatever the caller thought: a gap wins over a resolve.
+            ledgered = {(s, int(m)) for slots in write.gaps.values() for s, m in slots}
+            resolve = [slot for slot in _unique(write.resolve) if slot not in ledgered]
+            if resolve:
+                conn.executemany("DELETE FROM gaps WHERE symbol = ? AND minute = ?", resolve)
             resolved = conn.total_changes - before
             for reason, slots in write.attempts.items():
                 conn.executemany(

@@ -244,3 +244,14 @@ def test_ranges_by_symbol_merges_consecutive_minutes() -> None:
     }
     assert list(found) == ["AAPL", "MSFT"]
     assert ranges_by_symbol([]) == {}
+
+
+def test_a_slot_one_write_both_ledgers_and_resolves_stays_ledgered(ledger: GapLedger) -> None:
+    """A catch-up cycle resolves what it filled; a record of it the full spool refused is ledgered
+    in the same write: the gap wins, or the slot would be nowhere."""
+    write = LedgerWrite(resolve=[("AAPL", M), ("MSFT", M)])
+    write.add_gaps([("AAPL", M)], "spool full")
+
+    ledger.commit(write)
+
+    assert [(g.symbol, g.minute) for g in ledger.open_gaps()] == [("AAPL", M)]

@@ -256,3 +256,23 @@ def test_windows_expand_a_day_of_a_symbol_at_a_time_without_losing_a_slot(
     assert moved == 1_440 + 1_440 + 120  # one day each of two symbols, the rest of the budget
     assert set(again.open_slots()) == before
     assert again.ledger.count() == len(before) == 3 * 2_880
+
+
+def test_a_catch_up_unledgers_what_it_filled_but_not_what_the_spool_refused(
+    tmp_path: Path,
+) -> None:
+    keeper = make_keeper(tmp_path, max_bytes=400)  # room for one record, not two
+    keeper.account_downtime(M)
+    keeper.settle(Settlement(M, failed=dict.fromkeys(SYMBOLS, "stopped"), complete=False))
+    assert keeper.watermark == M - 60  # a stop cut the minute short: not settled
+
+    keeper.settle(
+        Settlement(M, [quote("AAPL", M), quote("MSFT", M)], filled=["AAPL", "MSFT", "AMZN"])
+    )
+
+    assert keeper.watermark == M
+    assert {s: where(keeper, s, M) for s in SYMBOLS} == {
+        "AAPL": "spool",
+        "MSFT": "ledger",  # refused by the full spool: still a gap
+        "AMZN": "nowhere",  # delivered by the catch-up: released
+    }
