@@ -26,6 +26,7 @@ import os
 import random
 import sqlite3
 import sys
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -509,8 +510,10 @@ def _bury() -> None:
     hook = sys.unraisablehook
     sys.unraisablehook = lambda _: None
     try:
-        GRAVEYARD.clear()
-        gc.collect()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "coroutine ... was never awaited", and the like
+            GRAVEYARD.clear()
+            gc.collect()
     finally:
         sys.unraisablehook = hook
 
