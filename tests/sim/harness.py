@@ -422,7 +422,7 @@ class Simulation:
         for report in self.cycles:
             if not report.on_time or report.lag_s < LATE_START_S:
                 continue
-            if any(a - MINUTE <= report.minute <= b + MINUTE for a, b in paused):
+            if any(a - MINUTE <= report.minute <= b + 2 * MINUTE for a, b in paused):
                 continue
             if any(0 <= report.minute - start <= 2 * MINUTE for start in self.starts):
                 continue
