@@ -110,6 +110,8 @@ async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
     if declared is not None and declared > MAX_BODY_BYTES:
         resp.close()  # drop the connection rather than read what will not be used
         raise _too_large(resp.status, f"Content-Length {declared}")
+    if declared is not None and not resp.headers.get("Content-Encoding"):
+        return await resp.read()  # the usual case: its size is known and within the cap
     chunks: list[bytes] = []
     size = 0
     async for chunk in resp.content.iter_chunked(READ_CHUNK_BYTES):
