@@ -129,7 +129,7 @@ class LedgerWrite:
 
     gaps: dict[str, list[Slot]] = field(default_factory=dict)  # reason -> new open slots
     windows: list[NewWindow] = field(default_factory=list)
-    resolve: list[Slot] = field(default_factory=list)  # filled: forget them (unless `gaps` has them)
+    resolve: list[Slot] = field(default_factory=list)  # filled: forget (unless `gaps` has them)
     attempts: dict[str, list[Slot]] = field(default_factory=dict)  # reason -> one more try
     watermark: int | None = None  # move accounted_through forward to this minute
 
