@@ -232,5 +232,12 @@ def open_slots(spool_dir: Path) -> set[tuple[str, int]]:
     return slots
 
 
+def wait_for_room_in_the_minute(latest_second: float = 45.0) -> None:
+    """`early_in_a_minute` for synchronous tests of real processes (containers)."""
+    second = time.time() % 60.0
+    if second > latest_second:
+        time.sleep(60.0 - second + 0.5)
+
+
 def app_env(aws: Aws) -> dict[str, str]:
     return {"AWS_ENDPOINT_URL": aws.url}

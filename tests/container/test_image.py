@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Aws
+from tests.conftest import Aws, wait_for_room_in_the_minute
 
 from .conftest import (
     SPOOL,
@@ -113,6 +113,7 @@ def test_run_once_lands_records_with_a_read_only_root(
 ) -> None:
     volume = [f"--volume={spool_volume}:{SPOOL}"]
     env = daemon_env(aws, sim_url, FINNSTREAM_HEALTH__PORT="0")
+    wait_for_room_in_the_minute()  # no quote is requested after second 58 of its minute
     before = int(time.time()) // 60 * 60
     proc = run("run", "--once", env=env, options=volume)
     assert proc.returncode == 0, proc.stdout + proc.stderr

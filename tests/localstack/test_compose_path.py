@@ -23,6 +23,7 @@ import pytest
 from aiobotocore.session import get_session
 
 from finnstream.simulator import Simulator, SimulatorSettings
+from tests.conftest import early_in_a_minute
 
 pytestmark = pytest.mark.localstack
 
@@ -123,6 +124,7 @@ async def test_run_once_publishes_one_contract_record_per_symbol(tmp_path: Path)
         }
         settings = SimulatorSettings(tokens=frozenset({"local-dev-token"}))
         async with Simulator(settings) as sim:
+            await early_in_a_minute()  # no quote is requested after second 58 of its minute
             before = int(time.time()) // 60 * 60
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
