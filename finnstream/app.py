@@ -527,8 +527,7 @@ class App:
         if closing in done:
             return closing.result()
         closing.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await closing
+        await asyncio.gather(closing, return_exceptions=True)  # a cancel of ours still propagates
         why = "stop deadline" if self._hard_stop.is_set() else "publish deadline"
         log.warning("cycle.send_abandoned", why=why, action="settling records still being sent")
         return await publisher.abort()

@@ -274,8 +274,9 @@ class Publisher:
         """Flush the open batch, wait for every send; returns the undelivered records."""
         if self._lingerer is not None:
             self._lingerer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._lingerer
+            # Not `suppress(CancelledError)`: that would also swallow a cancel of close() itself
+            # (the cycle's publish deadline), and close would go on waiting for every send.
+            await asyncio.gather(self._lingerer, return_exceptions=True)
         if (batch := self._acc.drain()) is not None:
             self._send(batch)
         await asyncio.gather(*list(self._sends), return_exceptions=True)
