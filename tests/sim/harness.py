@@ -453,10 +453,10 @@ class Simulation:
         """With nothing failing, every minute's quotes land live (as many as fit the pace)."""
         cfg = self.config(every_minutes=1)
         fits = minute_capacity(cfg.finnhub)
-        # From 4 minutes after the restart: near the key's capacity, a catch-up late in its
+        # From 6 minutes after the restart: near the key's capacity, a catch-up late in its
         # minute holds places of the minute window the next cycles need, and they may lose a few
         # live quotes (to candles or gaps) while the limiter settles (README, State and failover).
-        first = minute_slot(self.calm_from) + 4 * MINUTE_S
+        first = minute_slot(self.calm_from) + 6 * MINUTE_S
         quoted: dict[int, int] = {}
         for rec in self.kinesis.accepted:
             if rec["source"] == "quote" and rec["minute"] >= first:
