@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: help venv demo check lint types test test-fast test-localstack test-container lint-infra bench soak bench-downtime lock clean
+.PHONY: help venv demo check lint types test test-fast test-localstack test-container lint-infra bench soak bench-downtime chaos lock clean
 
 help:
 	@echo "make demo             the pipeline end to end on local stand-ins (Ctrl-C to stop)"
@@ -13,6 +13,7 @@ help:
 	@echo "make test-container   the image built and run by podman, compose on host LocalStack"
 	@echo "make bench            the benchmark (prints figures; see README, Performance)"
 	@echo "make bench-downtime   three days of downtime at 1,800 symbols: RSS and loop stalls"
+	@echo "make chaos            a real daemon through pause, outage, full spool and disk, kill (~19 min)"
 
 $(STAMP): pyproject.toml requirements-dev.lock
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +55,9 @@ soak: $(STAMP)
 
 bench-downtime: $(STAMP)
 	$(BIN)/python bench/bench.py --downtime
+
+chaos: $(STAMP)
+	$(BIN)/python bench/chaos.py
 
 # Regenerate the pinned sets after changing dependencies in pyproject.toml.
 lock:

@@ -147,6 +147,7 @@ async def drive(config: str, every: int, ticks: int) -> None:
                     hwm_kb=hwm_kb(),
                     published=report.published,
                     delivered=report.delivered,
+                    undelivered=report.undelivered,
                     spooled=report.spooled,
                     failed=report.failed,
                     took_s=report.took_s,

@@ -67,7 +67,8 @@ class CycleReport:
     symbols: int
     published: int
     delivered: int
-    spooled: int
+    undelivered: int  # Kinesis did not take them (by the publish deadline)
+    spooled: int  # of those, in the spool now; the rest are in the ledger or held in memory
     failed: int
     unknown: int
     lag_s: float
@@ -495,7 +496,8 @@ class App:
             symbols=len(self.symbols),
             published=outcome.published,
             delivered=outcome.published - len(undelivered),
-            spooled=len(undelivered),
+            undelivered=len(undelivered),
+            spooled=settlement.written,
             failed=len(outcome.failed),
             unknown=len(outcome.unknown),
             lag_s=outcome.lag_s,

@@ -105,7 +105,11 @@ async def show_records(session: AioSession, endpoint: str, stop: asyncio.Event) 
 
 def cycle_line(report: CycleReport) -> str:
     at = dt.datetime.fromtimestamp(report.minute, tz=dt.UTC).strftime("%H:%M")
-    extra = f", {report.spooled} spooled" if report.spooled else ""
+    extra = (
+        f", {report.undelivered} not delivered ({report.spooled} spooled)"
+        if report.undelivered
+        else ""
+    )
     extra += f", {report.failed} failed (gaps, refilled later)" if report.failed else ""
     start = (
         f"first request {report.lag_s * 1000:.0f} ms after the tick"

@@ -4,8 +4,8 @@ It never holds a cycle open: cycles only append to the spool and wake the draine
 in flight at a time, each with a deadline, so a throttled stream slows the drain and nothing
 else. A batch is retired only after Kinesis took some of it (`Spool.ack` re-appends what was
 refused before retiring the range); a batch Kinesis took none of, or cut short by a stop or a
-failure, stays where it is on disk and is read again (at-least-once). After a failed batch the drainer backs off, with jitter, up to
-`BACKOFF_MAX_S`; a stop ends every wait at once.
+failure, stays where it is on disk and is read again (at-least-once). After a failed batch the
+drainer backs off, with jitter, up to `BACKOFF_MAX_S`; a stop ends every wait at once.
 """
 
 from __future__ import annotations
@@ -85,17 +85,15 @@ class SpoolDrainer:
         sent, undelivered = await unless(stop, self._sink.put_batch(batch.records, deadline))
         if not sent or undelivered is None:
             return False  # stopping: the batch stays on disk, to be sent by whoever runs next
-        if len(undelivered) == len(batch.records):
-            # Nothing taken (an outage): the batch stays where it is. Re-appending it would only
-            # copy it, eating the spool's room, and a restart would send the copy too.
-            self._fail("spool.drain_refused", f"{len(undelivered)} records not accepted")
-            return False
-        try:
-            await asyncio.shield(asyncio.to_thread(self._spool.ack, batch, undelivered))
-        except SpoolError as exc:
-            self._fail("spool.ack_failed", str(exc))
-            return False
-        self.batches_sent += 1
+        if len(undelivered) < len(batch.records):  # Kinesis took some: retire the batch
+            try:
+                await asyncio.shield(asyncio.to_thread(self._spool.ack, batch, undelivered))
+            except SpoolError as exc:
+                self._fail("spool.ack_failed", str(exc))
+                return False
+            self.batches_sent += 1
+        # Kinesis took none (an outage): the batch stays where it is. Re-appending it would only
+        # copy it, eating the spool's room, and a restart would send the copy too.
         if undelivered:
             self._fail("spool.drain_refused", f"{len(undelivered)} records not accepted")
             return False

@@ -88,6 +88,7 @@ class Settlement:
     undelivered: list[Record] = field(default_factory=list)  # to the spool
     failed: dict[str, str] = field(default_factory=dict)  # symbol -> reason: to the ledger
     spooled: bool = False  # the undelivered records are already durable in the spool
+    written: int = 0  # how many of them the spool took (the rest went to the ledger)
     complete: bool = True  # False: a stop cut it short; the watermark stays before the minute
     filled: list[str] = field(default_factory=list)  # symbols delivered or spooled: unledger
 
@@ -218,8 +219,8 @@ class SlotKeeper:
                     f"the spool could not be written ({exc})",
                 )
             else:
-                s.spooled = True
-                self._metrics.records_spooled.inc(len(result.written))
+                s.spooled, s.written = True, len(result.written)
+                self._metrics.records_spooled.inc(s.written)
                 if result.rejected:
                     self._metrics.spool_rejected.inc(len(result.rejected))
                     for record in result.rejected:

@@ -103,6 +103,7 @@ def report(**changes: Any) -> CycleReport:
         "symbols": 5,
         "published": 3,
         "delivered": 3,
+        "undelivered": 0,
         "spooled": 0,
         "failed": 1,
         "unknown": 1,

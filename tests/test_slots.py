@@ -124,11 +124,13 @@ def test_what_a_full_spool_refuses_stays_in_the_ledger(tmp_path: Path) -> None:
     keeper.account_downtime(M)
     records = [quote(f"S{i:02d}", M) for i in range(12)]  # about 3 KB of spool lines
 
-    keeper.settle(Settlement(M, records))
+    settlement = Settlement(M, records)
+    keeper.settle(settlement)
 
     places = {r.symbol: where(keeper, r.symbol, M) for r in records}
     assert "nowhere" not in places.values()
     assert {"spool", "ledger"} == set(places.values())
+    assert settlement.written == list(places.values()).count("spool")  # what cycle.done reports
     reasons = {s: r for s, _, r in keeper.open_slots()}
     assert all(reasons[s] == SPOOL_FULL for s, p in places.items() if p == "ledger")
 
