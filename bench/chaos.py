@@ -47,6 +47,7 @@ import boto3  # type: ignore[import-untyped]
 
 from bench import REGION, SECRET_ID, TOKEN, Moto, child_env, workdir  # bench/bench.py
 from finnstream.ledger import GapLedger
+from finnstream.logs import configure_logging
 from finnstream.simulator import Simulator, SimulatorSettings, candle_for
 from finnstream.spool import Spool
 
@@ -339,6 +340,7 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the logs and spool directory")
     args = parser.parse_args()
     os.environ.update(AWS_ACCESS_KEY_ID="chaos", AWS_SECRET_ACCESS_KEY="chaos")
+    configure_logging("WARNING", "console")  # this process's own (reading the ledger): quiet
     with workdir() as path:
         try:
             code = asyncio.run(run(args, path))
