@@ -29,7 +29,7 @@ from aiobotocore.session import AioSession
 from finnstream.backfill import Backfiller
 from finnstream.clock import SYSTEM_CLOCK, Clock, minute_slot, unless
 from finnstream.config import Config, aws_endpoint, aws_region, minute_capacity, shard_symbols
-from finnstream.cycle import STOPPED_REASON, QuoteCycle, split_over_capacity
+from finnstream.cycle import QuoteCycle, split_over_capacity
 from finnstream.drain import SpoolDrainer
 from finnstream.emf import STANDBY_EVERY_S, EmfWriter
 from finnstream.errors import EXIT_OK, EXIT_UNDELIVERED, ConfigError, SpoolLocked
@@ -415,8 +415,9 @@ class App:
         self.health.ticks_waiting = ticker.pending
         ticker.start()  # first: no fire can fall between reading the clock and starting it
         current = minute_slot(self.clock.time())
-        if await self._account_downtime(current):
-            # The minute under way, if nobody completed it (a restart, a deploy, a takeover).
+        catch_up = await self._account_downtime(current)
+        if catch_up:
+            # The minute under way, as far as nobody polled it (a restart, a deploy, a takeover).
             ticker.fire(self.clock.time(), self.clock.monotonic(), catch_up=True)
         self._spawn(self.drainer.run(self.stopping), "spool-drainer")
         # Turned off, the loop still publishes the ledger's slots as `gap` records.
@@ -431,7 +432,11 @@ class App:
                     asyncio.to_thread(self.keeper.skip, tick.minute, SKIPPED_REASON)
                 )
                 continue
-            await self.run_cycle(tick.minute, observe_lag=not tick.catch_up)
+            await self.run_cycle(
+                tick.minute,
+                observe_lag=not tick.catch_up,
+                symbols=catch_up if tick.catch_up else None,
+            )
         log.info(
             "app.stopped",
             spool_records=self.keeper.spool.depth_records,
@@ -440,14 +445,15 @@ class App:
         )
         return EXIT_UNDELIVERED if self.health.problems else EXIT_OK
 
-    async def _account_downtime(self, current: int) -> bool:
-        """Minutes since the watermark go into the ledger; True if `current` needs a cycle."""
+    async def _account_downtime(self, current: int) -> list[str]:
+        """Minutes since the watermark go into the ledger; returns the symbols a catch-up cycle
+        for `current` polls (none: nothing of it is left to poll)."""
         try:
             return await asyncio.to_thread(self.keeper.account_downtime, current)
         except LedgerError as exc:
             # The first settle that works accounts for them (the watermark has not moved).
             log.error("ledger.downtime_not_recorded", error=str(exc))
-            return True
+            return list(self.symbols)
 
     async def _next_tick(self) -> Tick | None:
         assert self.ticker is not None
@@ -455,10 +461,15 @@ class App:
         return tick
 
     async def run_cycle(
-        self, minute: int, *, observe_lag: bool = True, metrics_line: bool = True
+        self,
+        minute: int,
+        *,
+        observe_lag: bool = True,
+        metrics_line: bool = True,
+        symbols: Sequence[str] | None = None,
     ) -> CycleReport:
-        """One cycle for `minute`: quotes fetched and published, the rest settled; its metrics
-        line written (json logs) unless `metrics_line` is False."""
+        """One cycle for `minute`: quotes of `symbols` (default: all) fetched and published, the
+        rest settled; its metrics line written (json logs) unless `metrics_line` is False."""
         started = self.clock.monotonic()
         minute_mono = started - (self.clock.time() - minute)
         self.health.last_cycle_mono = started
@@ -468,7 +479,9 @@ class App:
             min(minute_mono + PUBLISH_CUTOFF_S, started + PUBLISH_AT_LEAST_S),
         )
         publisher = Publisher(self.sink, self.clock, deadline=publish_by)
-        polled, shed = split_over_capacity(self.symbols, self.capacity, minute)
+        polled, shed = split_over_capacity(
+            self.symbols if symbols is None else symbols, self.capacity, minute
+        )
         outcome = await self.cycle.run(minute, polled, publisher, minute_mono)
         if shed:
             self.metrics.quotes.labels(outcome="over_capacity").inc(len(shed))
@@ -480,8 +493,6 @@ class App:
             minute,
             list(undelivered),
             dict(outcome.failed),
-            # A stop cut the cycle short: whoever runs next in this minute polls it again.
-            complete=STOPPED_REASON not in outcome.failed.values(),
             # A catch-up may fill slots the process before it ledgered for this minute.
             filled=[] if observe_lag else _filled(polled, outcome.failed, outcome.unknown),
         )
@@ -493,7 +504,7 @@ class App:
         self._update_gauges()
         report = CycleReport(
             minute=minute,
-            symbols=len(self.symbols),
+            symbols=len(polled) + len(shed),  # a deploy's catch-up: what the stopped one left
             published=outcome.published,
             delivered=outcome.published - len(undelivered),
             undelivered=len(undelivered),

@@ -26,11 +26,11 @@ from finnstream.kinesis import Publisher
 from finnstream.limiter import LimiterClosed, RateLimiter
 from finnstream.metrics import Metrics
 from finnstream.records import BadAnswer, NotAPrice, is_unknown_symbol, quote_record
+from finnstream.slots import STOPPED_REASON
 
 log = structlog.get_logger("finnstream.cycle")
 
 RETRY_WINDOW_S = 58.0  # no attempt at a quote starts later than this into its minute
-STOPPED_REASON = "stopped before the quote was requested"
 
 
 def split_over_capacity(

@@ -363,6 +363,14 @@ class GapLedger:
             ).fetchall()
         return [Gap(s, m, a, r) for s, m, a, r in rows]
 
+    def symbols_at(self, minute: int, reason: str) -> set[str]:
+        """Symbols with an open gap slot at `minute` ledgered for `reason`."""
+        with self._transaction(write=False) as conn:
+            rows = conn.execute(
+                "SELECT symbol FROM gaps WHERE minute = ? AND reason = ?", (minute, reason)
+            ).fetchall()
+        return {symbol for (symbol,) in rows}
+
     def open_gaps(self, *, limit: int | None = None) -> list[Gap]:
         """Open gap slots (not windows) ordered by minute, then symbol; at most `limit`."""
         with self._transaction(write=False) as conn:

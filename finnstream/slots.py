@@ -56,6 +56,9 @@ NOT_RUNNING = "finnstream was not running"
 NO_CYCLE = "no cycle ran for this minute (the process was paused or the scheduler fired late)"
 SPOOL_FULL = "Kinesis did not take the quote and the spool was full (spool.max_bytes)"
 DISK_REFUSED = "the disk refused writes, so the minute's records could not be kept"
+# A stop closed the limiter before these were asked for: a process that starts within the same
+# minute (a deploy's standby) asks for them, and only them.
+STOPPED_REASON = "stopped before the quote was requested"
 
 
 class Expected:
@@ -89,7 +92,6 @@ class Settlement:
     failed: dict[str, str] = field(default_factory=dict)  # symbol -> reason: to the ledger
     spooled: bool = False  # the undelivered records are already durable in the spool
     written: int = 0  # how many of them the spool took (the rest went to the ledger)
-    complete: bool = True  # False: a stop cut it short; the watermark stays before the minute
     filled: list[str] = field(default_factory=list)  # symbols delivered or spooled: unledger
 
 
@@ -138,12 +140,17 @@ class SlotKeeper:
 
     # ---- start-up ----------------------------------------------------------------------------
 
-    def account_downtime(self, current: int) -> bool:
+    def account_downtime(self, current: int) -> list[str]:
         """Before the first cycle of a run (or a takeover): every expected minute after the
-        watermark and before `current` goes into a window. Returns True when `current` itself is
-        not accounted for yet, so it needs its catch-up cycle. Raises `LedgerError`."""
+        watermark and before `current` goes into a window. Returns the symbols a catch-up cycle
+        for `current` polls: all of them when `current` is not accounted for yet (a restart, or a
+        takeover from a process that died in it); those a stopped process ledgered before asking
+        for them when it is (a deploy's takeover); else none. Raises `LedgerError`."""
         with self._lock:
             last = self.watermark
+            if last is not None and last >= current:
+                stopped = self.ledger.symbols_at(current, STOPPED_REASON)
+                return [s for s in self.symbols if s in stopped]
             write = LedgerWrite(watermark=current - MINUTE_S)
             if last is not None and last < current - MINUTE_S:
                 lo = last + MINUTE_S
@@ -161,7 +168,7 @@ class SlotKeeper:
             _log_windows("ledger.downtime", write.windows)
             self.watermark = current - MINUTE_S if last is None else max(last, current - MINUTE_S)
             self._update_gauges()
-            return last is None or last < current
+            return list(self.symbols)
 
     def _windows(self, lo: int, hi: int, reason: str) -> list[NewWindow]:
         """One window per symbol per run of expected minutes in [lo, hi) sharing a reason."""
@@ -230,11 +237,10 @@ class SlotKeeper:
         if self.watermark is not None and self.watermark + MINUTE_S < s.minute:
             write.windows = self._windows(self.watermark + MINUTE_S, s.minute, NO_CYCLE)
         write.resolve = [(symbol, s.minute) for symbol in s.filled]
-        done = s.minute if s.complete else s.minute - MINUTE_S
-        write.watermark = done
+        write.watermark = s.minute
         self.ledger.commit(write)
         _log_windows("ledger.missed_minutes", write.windows)
-        self.watermark = done if self.watermark is None else max(self.watermark, done)
+        self.watermark = s.minute if self.watermark is None else max(self.watermark, s.minute)
         for minute in [m for m in self._dropped if m <= self.watermark]:
             del self._dropped[minute]
 

@@ -26,6 +26,7 @@ from finnstream.slots import (
     NO_CYCLE,
     NOT_RUNNING,
     SPOOL_FULL,
+    STOPPED_REASON,
     Expected,
     Settlement,
     SlotKeeper,
@@ -260,21 +261,29 @@ def test_windows_expand_a_day_of_a_symbol_at_a_time_without_losing_a_slot(
     assert again.ledger.count() == len(before) == 3 * 2_880
 
 
-def test_a_catch_up_unledgers_what_it_filled_but_not_what_the_spool_refused(
+def test_a_deploys_catch_up_polls_only_what_the_stopped_process_had_not_asked_for(
     tmp_path: Path,
 ) -> None:
-    keeper = make_keeper(tmp_path, max_bytes=400)  # room for one record, not two
-    keeper.account_downtime(M)
-    keeper.settle(Settlement(M, failed=dict.fromkeys(SYMBOLS, "stopped"), complete=False))
-    assert keeper.watermark == M - 60  # a stop cut the minute short: not settled
+    """A SIGTERM mid-cycle: the quotes already asked for are delivered (or spooled), the rest
+    ledgered as stopped, and the minute is settled. The process that takes over within that
+    minute polls just the stopped ones, so no symbol is asked for twice in the minute and none
+    arrives twice; one started in a later minute leaves them to candles."""
+    stopped = make_keeper(tmp_path)
+    assert stopped.account_downtime(M) == SYMBOLS  # a first start: the whole minute
+    stopped.settle(Settlement(M, failed=dict.fromkeys(["AMZN", "MSFT"], STOPPED_REASON)))
+    assert stopped.watermark == M  # AAPL was delivered: the minute is accounted for
+    stopped.ledger.close()
 
-    keeper.settle(
-        Settlement(M, [quote("AAPL", M), quote("MSFT", M)], filled=["AAPL", "MSFT", "AMZN"])
-    )
+    standby = make_keeper(tmp_path, max_bytes=400)  # room for one record, not two
+    assert standby.account_downtime(M) == ["MSFT", "AMZN"]  # in the configured order
+    standby.settle(Settlement(M, [quote("MSFT", M), quote("AMZN", M)], filled=["MSFT", "AMZN"]))
 
-    assert keeper.watermark == M
-    assert {s: where(keeper, s, M) for s in SYMBOLS} == {
-        "AAPL": "spool",
-        "MSFT": "ledger",  # refused by the full spool: still a gap
-        "AMZN": "nowhere",  # delivered by the catch-up: released
+    assert standby.watermark == M
+    assert {s: where(standby, s, M) for s in SYMBOLS} == {
+        "AAPL": "nowhere",  # delivered by the stopped process, not asked for again
+        "MSFT": "spool",  # filled by the catch-up: released from the ledger
+        "AMZN": "ledger",  # refused by the full spool: still a gap
     }
+    # Only AMZN is left to ask for in this minute: it is nowhere but in the ledger.
+    assert standby.account_downtime(M) == ["AMZN"]
+    assert standby.account_downtime(M + 60) == SYMBOLS  # a new minute: all of it

@@ -340,6 +340,40 @@ async def test_after_a_sigterm_the_standby_delivers_the_spool_with_nothing_lost_
     assert asked_twice(sim, symbols[0], checks=0) == {}  # the standby did not poll the minute again
 
 
+async def test_after_a_sigterm_mid_cycle_the_standby_asks_only_for_what_was_not_asked_for(
+    make_config: ConfigFactory, aws: Aws, sim: Simulator, spawn: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A deploy's SIGTERM in the middle of a cycle: the stopped process delivers what it asked
+    for and ledgers the rest; the standby polls just the rest, within the same minute."""
+    spool = tmp_path / "spool"
+    symbols = [f"K{i:02d}" for i in range(20)]
+    path = str(make_config(symbols, finnhub={"requests_per_second": 2}))  # a 10 s cycle
+    await early_in_a_minute(30)
+    active = await spawn("run", "--config", path, health=True)
+    await active.event("app.ready", 30)
+    standby = await spawn("run", "--config", path, health=True)
+    await standby.event("lock.standby", 30)
+    await asyncio.wait_for(sim.wait_served(len(sim.stats.served) + 4), 10)
+    assert not active.named("cycle.done")  # stopped in the middle of its first cycle
+    active.signal(signal.SIGTERM)
+    assert await active.wait(30) == 0, active
+    stopped = active.named("cycle.done")[0]
+    assert 0 < stopped["delivered"] < len(symbols)
+
+    await standby.event("lock.taken_over", 5)
+    catch_up = await standby.event("cycle.done", 30)
+    assert catch_up["minute"] == stopped["minute"]
+    assert catch_up["symbols"] == catch_up["delivered"] == len(symbols) - stopped["delivered"]
+    standby.signal(signal.SIGTERM)
+    assert await standby.wait(30) == 0, standby
+
+    landed = keys(aws.records())
+    assert set(landed) == {(s, stopped["minute"], "quote") for s in symbols}  # every slot
+    assert set(landed.values()) == {1}  # none twice
+    assert asked_twice(sim, symbols[0], checks=0) == {}  # no symbol asked twice in the minute
+    assert open_slots(spool) == set()
+
+
 CRASHING_DRAINER = """
 import sys
 from finnstream import drain
