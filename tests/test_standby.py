@@ -276,18 +276,30 @@ async def test_one_process_polls_while_standbys_and_a_run_once_wait_and_follow_t
     assert set(landed.values()) == {1}
 
 
-async def test_after_a_sigkill_the_standby_polls_the_next_minute_and_every_slot_lands(
-    make_config: ConfigFactory, aws: Aws, sim: Simulator, spawn: Callable[..., Any], tmp_path: Path
-) -> None:
-    spool = tmp_path / "spool"
-    symbols = [f"K{i:02d}" for i in range(20)]
-    path = str(make_config(symbols, finnhub={"requests_per_second": 2}))  # a 10 s cycle
+MID_CYCLE_SYMBOLS = [f"K{i:02d}" for i in range(20)]
+
+
+async def in_a_first_cycle(
+    make_config: ConfigFactory, sim: Simulator, spawn: Callable[..., Any], quotes: int
+) -> tuple[Proc, Proc]:
+    """(active, standby) on one directory, the active one `quotes` into its first cycle, which
+    takes 10 s (MID_CYCLE_SYMBOLS at 2 a second)."""
+    path = str(make_config(MID_CYCLE_SYMBOLS, finnhub={"requests_per_second": 2}))
     await early_in_a_minute(30)
     active = await spawn("run", "--config", path, health=True)
     await active.event("app.ready", 30)
     standby = await spawn("run", "--config", path, health=True)
     await standby.event("lock.standby", 30)
-    await asyncio.wait_for(sim.wait_served(len(sim.stats.served) + 2), 10)
+    await asyncio.wait_for(sim.wait_served(len(sim.stats.served) + quotes), 10)
+    return active, standby
+
+
+async def test_after_a_sigkill_the_standby_polls_the_next_minute_and_every_slot_lands(
+    make_config: ConfigFactory, aws: Aws, sim: Simulator, spawn: Callable[..., Any], tmp_path: Path
+) -> None:
+    spool = tmp_path / "spool"
+    symbols = MID_CYCLE_SYMBOLS
+    active, standby = await in_a_first_cycle(make_config, sim, spawn, quotes=2)
     assert await standby.metric("finnstream_quotes_total") == 0
     assert not active.named("cycle.done")  # killed in the middle of its first cycle
     active.signal(signal.SIGKILL)
@@ -345,14 +357,8 @@ async def test_after_a_sigterm_mid_cycle_the_standby_asks_only_for_what_was_not_
     """A deploy's SIGTERM in the middle of a cycle: the stopped process delivers what it asked
     for and ledgers the rest; the standby polls just the rest, within the same minute."""
     spool = tmp_path / "spool"
-    symbols = [f"K{i:02d}" for i in range(20)]
-    path = str(make_config(symbols, finnhub={"requests_per_second": 2}))  # a 10 s cycle
-    await early_in_a_minute(30)
-    active = await spawn("run", "--config", path, health=True)
-    await active.event("app.ready", 30)
-    standby = await spawn("run", "--config", path, health=True)
-    await standby.event("lock.standby", 30)
-    await asyncio.wait_for(sim.wait_served(len(sim.stats.served) + 4), 10)
+    symbols = MID_CYCLE_SYMBOLS
+    active, standby = await in_a_first_cycle(make_config, sim, spawn, quotes=4)
     assert not active.named("cycle.done")  # stopped in the middle of its first cycle
     active.signal(signal.SIGTERM)
     assert await active.wait(30) == 0, active
