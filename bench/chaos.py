@@ -43,16 +43,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-import boto3  # type: ignore[import-untyped]
-
 from bench import REGION, SECRET_ID, TOKEN, Moto, child_env, workdir  # bench/bench.py
-from finnstream.ledger import GapLedger
 from finnstream.logs import configure_logging
 from finnstream.simulator import Simulator, SimulatorSettings, candle_for
 from finnstream.spool import Spool
 
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
-from tests.faults import RefusingProxy  # the tests' proxy, from the repository root
+from tests.conftest import Aws, open_slots  # the tests' helpers, from the repository root
+from tests.faults import RefusingProxy
 
 MINUTE = 60
 SPOOL_BYTES = 1 << 20  # the smallest spool the config allows: it fills within minutes
@@ -61,7 +59,9 @@ PER_SECOND = 150  # 2,000 quotes in about 13 s, and room for candles in the rest
 STOP_GRACE_S = 30.0
 
 
-def write_config(path: Path, symbols: list[str], sim_url: str, kinesis_url: str) -> Path:
+def write_config(
+    path: Path, symbols: list[str], sim_url: str, stream: str, kinesis_url: str
+) -> Path:
     doc = {  # JSON is YAML
         "symbols": symbols,
         "finnhub": {
@@ -70,7 +70,7 @@ def write_config(path: Path, symbols: list[str], sim_url: str, kinesis_url: str)
             "requests_per_second": PER_SECOND,
             "requests_per_minute": PER_SECOND * MINUTE,
         },
-        "kinesis": {"stream_name": "chaos", "region": REGION, "endpoint_url": kinesis_url},
+        "kinesis": {"stream_name": stream, "region": REGION, "endpoint_url": kinesis_url},
         "spool": {"dir": str(path / "spool"), "max_bytes": SPOOL_BYTES},
         "backfill": {"every_minutes": 1},
         "health": {"port": 0},
@@ -151,37 +151,16 @@ def say(text: str) -> None:
     print(f"{dt.datetime.now(dt.UTC):%H:%M:%S} {text}", flush=True)
 
 
-def stream_records(url: str) -> list[dict[str, Any]]:
-    kinesis = boto3.client("kinesis", endpoint_url=url, region_name=REGION)
-    out = []
-    for shard in kinesis.list_shards(StreamName="chaos")["Shards"]:
-        it = kinesis.get_shard_iterator(
-            StreamName="chaos", ShardId=shard["ShardId"], ShardIteratorType="TRIM_HORIZON"
-        )["ShardIterator"]
-        while it:
-            page = kinesis.get_records(ShardIterator=it, Limit=10000)
-            out.extend(json.loads(r["Data"]) for r in page["Records"])
-            if not page["Records"]:
-                break
-            it = page.get("NextShardIterator")
-    return out
-
-
-def left_on_disk(spool_dir: Path) -> tuple[set[tuple[str, int]], set[tuple[str, int]]]:
-    """(slots in the spool, open slots in the ledger), windows expanded (every-minute cron)."""
+def left_in_spool(spool_dir: Path) -> set[tuple[str, int]]:
     spool = Spool(spool_dir, SPOOL_BYTES)
-    spooled = {(r.symbol, r.minute) for batch in spool.batches() for r in batch.records}
-    with GapLedger(spool_dir) as ledger:
-        ledgered = {(g.symbol, g.minute) for g in ledger.open_gaps()}
-        for w in ledger.windows():
-            ledgered |= {(w.symbol, m) for m in range(w.first, w.last + MINUTE, MINUTE)}
-    return spooled, ledgered
+    return {(r.symbol, r.minute) for batch in spool.batches() for r in batch.records}
 
 
 async def run(args: argparse.Namespace, path: Path) -> int:
     symbols = [f"C{i:04d}" for i in range(args.symbols)]
     moto = Moto.start()
-    moto.create_stream("chaos")
+    aws = Aws(moto.url)  # the tests' reader of the stream, which checks the wire format too
+    aws.create_stream()
     settings = SimulatorSettings(tokens=frozenset({TOKEN}), requests_per_second=PER_SECOND + 50)
     spool_dir = path / "spool"
     failures: list[str] = []
@@ -190,7 +169,7 @@ async def run(args: argparse.Namespace, path: Path) -> int:
         Simulator(settings) as sim,
         RefusingProxy("127.0.0.1", int(moto.url.rsplit(":", 1)[1])) as proxy,
     ):
-        config = write_config(path, symbols, sim.url, proxy.url)
+        config = write_config(path, symbols, sim.url, aws.stream, proxy.url)
         env = child_env(moto)
         with small_disk(spool_dir) as on_tmpfs:
             if not on_tmpfs:
@@ -236,11 +215,11 @@ async def run(args: argparse.Namespace, path: Path) -> int:
             code, took = await p3.stop(signal.SIGTERM)
             stops.append(("P3 SIGTERM", code, took))
             say(f"SIGTERM P3: exit {code} in {took:.2f} s")
-            spooled, ledgered = left_on_disk(spool_dir)
+            spooled, ledgered = left_in_spool(spool_dir), open_slots(spool_dir)
         served = {(s, m, body["c"]) for s, m, body in sim.stats.served}
         rate_limited = sim.stats.rate_limited
         candle_requests = sim.stats.candle_requests
-    records = await asyncio.to_thread(stream_records, moto.url)
+    records = await asyncio.to_thread(aws.records)
     moto.stop()
 
     daemons = (p1, p2, p3)
